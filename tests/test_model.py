@@ -1,0 +1,79 @@
+"""Model shapes, the loss reduction and the beta schedules."""
+import pytest
+import torch
+
+from run_vae import VAE, beta_at, vae_loss
+
+
+@pytest.mark.parametrize("size", [16, 64, 128])
+def test_shapes_follow_image_size(size):
+    model = VAE(size, latent_dim=32).eval()
+    x = torch.rand(2, 3, size, size)
+    x_hat, mu, logvar = model(x)
+    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (2, 32)
+    assert 0 <= x_hat.min() and x_hat.max() <= 1  # sigmoid output for [0,1] data
+
+
+def test_architecture_matches_the_design():
+    model = VAE(64, 128)
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 64, (4, 4), (2, 2)), (64, 128, (4, 4), (2, 2)), (128, 256, (4, 4), (2, 2)), (256, 512, (4, 4), (2, 2))]
+    deconvs = [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(d.in_channels, d.out_channels) for d in deconvs] == [(512, 256), (256, 128), (128, 64), (64, 3)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.encoder) == 3
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder) == 3
+    assert model.fc_mu.in_features == 512 * 4 * 4 and model.fc_decode.in_features == 128
+
+
+def test_conditional_model_takes_labels_at_both_ends():
+    model = VAE(32, latent_dim=16, num_classes=3).eval()
+    assert model.encoder[0].in_channels == 6 and model.fc_decode.in_features == 19
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    x_hat, mu, _ = model(x, y)
+    assert x_hat.shape == x.shape and mu.shape == (4, 16)
+    z = torch.randn(1, 16).repeat(3, 1)
+    out = model.decode(z, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(out[0], out[1])  # the label changes the image for the same z
+    samples = model.sample(3, torch.tensor([0, 1, 2]), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 3, 32, 32)
+
+
+def test_loss_is_summed_over_pixels_and_latents_and_averaged_over_batch():
+    x, x_hat = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    mu, logvar = torch.ones(2, 5), torch.zeros(2, 5)
+    recon, kl, kl_dim = vae_loss(x, x_hat, mu, logvar)
+    assert recon.item() == pytest.approx(48 * 0.25)   # 48 pixels per image, each (0.5)^2
+    assert kl.item() == pytest.approx(5 * 0.5)         # 0.5 * mu^2 per dim
+    assert kl_dim.shape == (5,)
+    # beta means the same at any batch size: a batch of copies has the same loss
+    r4, k4, _ = vae_loss(x.repeat(2, 1, 1, 1), x_hat.repeat(2, 1, 1, 1), mu.repeat(2, 1), logvar.repeat(2, 1))
+    assert r4.item() == pytest.approx(recon.item()) and k4.item() == pytest.approx(kl.item())
+
+
+def test_kl_matches_the_closed_form_for_a_known_gaussian():
+    mu, logvar = torch.tensor([[1.0, -2.0]]), torch.log(torch.tensor([[4.0, 0.25]]))
+    _, kl, _ = vae_loss(torch.zeros(1, 1), torch.zeros(1, 1), mu, logvar)
+    expected = sum(0.5 * (s2 + m ** 2 - 1 - torch.log(torch.tensor(s2)).item()) for m, s2 in [(1, 4), (-2, 0.25)])
+    assert kl.item() == pytest.approx(expected)
+
+
+def test_beta_constant_when_schedules_are_off():
+    assert beta_at(0, 10, 0.7) == beta_at(1000, 10, 0.7) == 0.7
+
+
+def test_beta_warmup_is_linear_per_step_then_holds():
+    spe = 10  # steps per epoch; warm-up over 2 epochs = 20 steps
+    assert beta_at(0, spe, 2.0, warmup_epochs=2) == 0.0
+    assert beta_at(5, spe, 2.0, warmup_epochs=2) == pytest.approx(0.5)   # mid first epoch: per step
+    assert beta_at(10, spe, 2.0, warmup_epochs=2) == pytest.approx(1.0)
+    assert beta_at(20, spe, 2.0, warmup_epochs=2) == pytest.approx(2.0)
+    assert beta_at(500, spe, 2.0, warmup_epochs=2) == pytest.approx(2.0)
+
+
+def test_beta_cycle_ramps_over_first_half_then_holds_and_restarts():
+    spe = 10  # cycle of 4 epochs = 40 steps, ramp over 20
+    values = [beta_at(s, spe, 1.0, cycle_epochs=4) for s in (0, 10, 20, 30, 39, 40, 50, 60)]
+    assert values == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0])
+    # cyclic wins over warm-up when both are given
+    assert beta_at(40, spe, 1.0, warmup_epochs=2, cycle_epochs=4) == 0.0

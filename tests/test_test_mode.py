@@ -1,0 +1,93 @@
+"""Test mode: a checkpoint in, metrics.json, samples.png and reconstructions.png out; bad files refused."""
+import json
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+import run_vae
+from run_vae import CheckpointError, load_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import make_image_folder, tiny_config
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp, make_image_folder(tmp / "images"), model={"conditional": True})
+    summary = train(cfg)
+    return cfg, summary["best_checkpoint"]
+
+
+def test_test_mode_writes_metrics_samples_and_reconstructions(trained, tmp_path):
+    cfg, ckpt = trained
+    test_cfg = run_vae.load_config(None, {
+        "run": {"mode": "test", "name": "tiny", "log_dir": cfg["run"]["log_dir"]},
+        "data": {"root": cfg["data"]["root"], "cache_dir": cfg["data"]["cache_dir"]},
+        "test": {"checkpoint": ckpt, "out_dir": str(tmp_path / "out"), "samples_per_class": 5},
+        "fid": {"enabled": False}})
+    metrics = run_vae.test(test_cfg)
+    out = tmp_path / "out"
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("val_recon", "val_kl", "val_neg_elbo", "val_bits_per_dim"):
+        assert key in saved and saved[key] == pytest.approx(metrics[key])
+    assert saved["num_val_images"] == 7  # 20% of 36, the images training never saw
+    samples = Image.open(out / "samples.png")
+    # one row per class: 3 rows of 16px images with 2px padding, plus a label margin on the left
+    assert samples.height == 3 * 18 + 2 and samples.width > 5 * 18
+    recon = Image.open(out / "reconstructions.png")
+    assert recon.height == 2 * 18 + 2  # 7 images + 7 reconstructions = 14, 8 per row
+
+
+def test_checkpoint_rebuilds_the_model_from_its_own_config(trained):
+    _, ckpt_path = trained
+    ckpt = load_checkpoint(ckpt_path)
+    model = run_vae.model_from_checkpoint(ckpt)
+    assert model.num_classes == 3 and model.latent_dim == 8 and not model.training
+
+
+def test_missing_checkpoint_says_how_to_train(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist.*train_demo"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+    _, ckpt_path = trained
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(ckpt_path, "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(bad)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "run_vae/1", "x": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_checkpoint(evil)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_foreign_checkpoint_is_rejected(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, other)
+    with pytest.raises(CheckpointError, match="not a run_vae.py checkpoint"):
+        load_checkpoint(other)
+
+
+def test_weights_that_do_not_match_the_config_are_reported(trained, tmp_path):
+    _, ckpt_path = trained
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["config"]["model"]["latent_dim"] = 16
+    with pytest.raises(CheckpointError, match="do not match"):
+        run_vae.model_from_checkpoint(ckpt)
+
+
+def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
+    (tmp_path / "t.yaml").write_text(f"run:\n  mode: test\ntest:\n  checkpoint: {tmp_path}/missing.pt\n")
+    assert run_vae.main(["--config", str(tmp_path / "t.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,189 @@
+"""Training: the loss goes down, resume is exact, checkpoints survive crashes, bad runs stop clearly."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import run_vae
+from run_vae import ConfigError, TrainingDiverged, load_checkpoint, train
+from conftest import ROOT, tiny_config
+
+
+def weights(path, key="model"):
+    return load_checkpoint(path)[key]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_short_training_lowers_the_loss_and_writes_run_files(cfg):
+    cfg["train"]["epochs"] = 4
+    losses = []
+    summary = train(cfg, report=lambda epoch, m, run_dir: losses.append(m["loss"]))
+    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
+    run_dir = ROOT.__class__(summary["run_dir"])
+    assert (run_dir / "last.pt").is_file() and (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["config"] == cfg and last["epoch"] == 4 and last["classes"] == ["Golden", "Golden-Red", "Red"]
+    assert all(isinstance(v, float) for v in last["metrics"].values())
+    best = load_checkpoint(summary["best_checkpoint"])  # chosen by val neg. ELBO since FID is off
+    assert best["metrics"]["val_neg_elbo"] == pytest.approx(summary["best"]["value"])
+
+
+def test_tensorboard_gets_scalars_grids_and_kl_per_dim(cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg["model"]["conditional"] = True
+    summary = train(cfg)
+    acc = EventAccumulator(summary["run_dir"], size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/recon", "train/kl", "train/beta", "train/lr", "epoch/val_neg_elbo",
+                "epoch/active_units"):
+        assert tag in tags["scalars"], tag
+    assert {"samples", "reconstructions"} <= set(tags["images"])
+    assert "latent/kl_per_dim" in tags["histograms"]
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path, image_folder):
+    a = train(tiny_config(tmp_path, image_folder, run={"name": "a"}))
+    b = train(tiny_config(tmp_path, image_folder, run={"name": "b"}))
+    assert_same_weights(weights(a["run_dir"] + "/last.pt"), weights(b["run_dir"] + "/last.pt"))
+
+
+@pytest.mark.parametrize("extras", [{}, {"train": {"ema": 0.9, "lr_schedule": "cosine", "beta_cycle": 2},
+                                         "data": {"hflip": True}, "model": {"conditional": True}}])
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, image_folder, extras):
+    others = {k: v for k, v in extras.items() if k != "train"}
+    train_keys = {"epochs": 3, **extras.get("train", {})}
+    full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train=train_keys, **others)
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train=train_keys, **others)
+    train(full)
+    train(part, max_epochs=1)
+    assert load_checkpoint(tmp_path / "logs/part/last.pt")["epoch"] == 1
+    train(part, resume=True)
+    for key in ("model", "optimizer"):
+        a, b = weights(tmp_path / "logs/full/last.pt", key), weights(tmp_path / "logs/part/last.pt", key)
+        if key == "model":
+            assert_same_weights(a, b)
+        else:
+            assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
+
+
+def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, image_folder):
+    full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3})
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3})
+    train(full)
+
+    def interrupt_after_first_epoch(epoch, metrics, run_dir):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: finishes one more step, saves, stops
+    with pytest.raises(run_vae.StopRequested, match="--resume"):
+        train(part, report=interrupt_after_first_epoch)
+    saved = load_checkpoint(tmp_path / "logs/part/last.pt")
+    assert saved["epoch"] == 1 and saved["batch_in_epoch"] == 1  # stopped inside epoch 2
+    train(part, resume=True)
+    assert_same_weights(weights(tmp_path / "logs/full/last.pt"), weights(tmp_path / "logs/part/last.pt"))
+
+
+def test_existing_run_folder_is_not_overwritten_without_resume(cfg):
+    train(cfg)
+    before = (ROOT.__class__(cfg["run"]["log_dir"]) / "tiny" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already exists.*--resume"):
+        train(cfg)
+    assert (ROOT.__class__(cfg["run"]["log_dir"]) / "tiny" / "last.pt").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(cfg):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(cfg, resume=True)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(cfg, monkeypatch):
+    cfg["train"]["epochs"] = 3
+    real_loss, calls = run_vae.vae_loss, {"n": 0}
+
+    def loss_that_explodes_in_epoch_two(x, x_hat, mu, logvar):
+        recon, kl, kl_dim = real_loss(x, x_hat, mu, logvar)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 4:  # epoch 1 has 3 steps
+                recon = recon * float("nan")
+        return recon, kl, kl_dim
+    monkeypatch.setattr(run_vae, "vae_loss", loss_that_explodes_in_epoch_two)
+    with pytest.raises(TrainingDiverged, match="last good state"):
+        train(cfg)
+    last = load_checkpoint(ROOT.__class__(cfg["run"]["log_dir"]) / "tiny" / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
+    target = tmp_path / "last.pt"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from run_vae import atomic_save
+        i = 0
+        while True:
+            i += 1
+            atomic_save({{"format": "run_vae/1", "i": i, "w": torch.full((1_000_000,), float(i))}}, {str(target)!r})
+            if i == 1:
+                print("first", flush=True)
+    """)
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "first"
+        import time
+        time.sleep(delay)
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+        ckpt = torch.load(target, weights_only=True)
+        assert torch.all(ckpt["w"] == ckpt["i"])
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(cfg):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg["run"]["device"] = "cuda"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        train(cfg)
+
+
+def test_precision_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    assert run_vae.pick_precision("fp32", cpu) is None
+    assert run_vae.pick_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        run_vae.pick_precision("fp16", cpu)
+    monkeypatch.setattr(run_vae, "cpu_has_native_bf16", lambda: False)
+    assert run_vae.pick_precision("auto", cpu) is None
+    monkeypatch.setattr(run_vae, "cpu_has_native_bf16", lambda: True)
+    assert run_vae.pick_precision("auto", cpu) is torch.bfloat16
+    assert run_vae.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_bf16_training_runs_and_lowers_the_loss(cfg):
+    cfg["train"].update(precision="bf16", epochs=3)
+    losses = []
+    train(cfg, report=lambda e, m, d: losses.append(m["loss"]))
+    assert losses[-1] < losses[0]
+
+
+def test_cli_trains_from_a_yaml_file(tmp_path, image_folder):
+    cfg_file = tmp_path / "t.yaml"
+    cfg_file.write_text(f"run:\n  name: cli\n  log_dir: {tmp_path}/logs\n  best_dir: {tmp_path}/best\n"
+                        f"data:\n  root: {image_folder}\n  image_size: 16\n  cache_dir: {tmp_path}/c\n"
+                        f"fid:\n  enabled: false\n")
+    r = subprocess.run([sys.executable, str(ROOT / "run_vae.py"), "--config", str(tmp_path / "t"),
+                        "train.epochs=1", "train.batch_size=8", "--latent_dim", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "done: best val_neg_elbo" in r.stdout and (tmp_path / "best" / "cli.pt").is_file()
+    assert load_checkpoint(tmp_path / "best" / "cli.pt")["config"]["model"]["latent_dim"] == 8
