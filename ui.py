@@ -29,6 +29,8 @@ from run_vae import (DEFAULTS, VAE, CheckpointError, DataError, config_to_yaml, 
 TRAIN_COMMAND = "python run_vae.py --config config/train_demo.yaml"
 TYPED_PATH = "\0typed"  # picker entry for a path typed by hand; no real path contains a NUL
 DISPLAY_WIDTH = 640     # small images are scaled up (without smoothing) to about this width on screen
+KEY_METRICS = {"fid": "FID", "val_neg_elbo": "validation −ELBO (nats)", "val_bits_per_dim": "validation bits/dim",
+               "val_kl": "validation KL (nats)", "active_units": "active latent units"}
 # widgets whose choices depend on the model (class names, data folder): reset when another model is opened
 MODEL_WIDGETS = ("sample_class", "data_folder", "interp_class", "class_a", "class_b", "image_a", "image_b")
 
@@ -102,7 +104,8 @@ def picker_label(path, mtime, summary):
     if summary["error"]:
         return f"⚠ unreadable · {shown_path(path)} · {when}"
     kind = f"CVAE, {len(summary['classes'])} classes" if summary["conditional"] else "VAE"
-    return (f"{summary['run']} ({summary['kind']}) · epoch {summary['epoch']} · {score_text(summary['metrics'])}"
+    # most telling first: the sidebar cuts long labels, the open list shows them whole
+    return (f"{summary['run']} · {summary['kind']} · epoch {summary['epoch']} · {score_text(summary['metrics'])}"
             f" · {kind} · {when} · {shown_path(path)}")
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,13 +223,18 @@ def reconstruct(model, images_uint8, labels):
 def show_grid(images, nrow, labels, file_name, key):
     """Show a grid and offer it as a PNG. Small images are scaled up without smoothing so pixels stay sharp."""
     grid = make_grid_image(images, nrow, labels)
-    scale = max(1, min(8, DISPLAY_WIDTH // grid.width))
-    shown = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST) if scale > 1 else grid
+    shown = scaled_for_display(grid)
     png = png_bytes(grid)
     st.image(png_bytes(shown) if shown is not grid else png, output_format="PNG")  # bytes: no second encode
     st.download_button("Download PNG", png, file_name=file_name, mime="image/png", key=key,
                        on_click="ignore", icon=":material/download:")
     return np.asarray(grid)
+
+
+def scaled_for_display(grid):
+    """Small grids scaled up by a whole factor without smoothing, so every pixel stays a sharp square."""
+    scale = max(1, min(8, DISPLAY_WIDTH // grid.width))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST) if scale > 1 else grid
 
 
 def png_bytes(image):
@@ -258,7 +266,8 @@ def pick_checkpoint(args):
         st.info(f"No checkpoints under `{args.best_dir}/` or `{args.logs_dir}/*/` yet. Train one, then reload "
                 f"this page:\n\n```bash\n{TRAIN_COMMAND}\n```\n\n(`make demo` does the same and then tests the model.) "
                 f"Or type the path of a checkpoint in the sidebar.")
-    choice = st.sidebar.selectbox(f"Checkpoints in {args.best_dir}/ and {args.logs_dir}/*/, newest first", options,
+    where = f"{shown_path(args.best_dir)}/ and {shown_path(args.logs_dir)}/*/"
+    choice = st.sidebar.selectbox(f"Checkpoints in {where}, newest first", options,
                                   index=default, format_func=label, key="checkpoint")
     if choice == TYPED_PATH:
         typed = st.sidebar.text_input("Checkpoint path", key="typed_path", placeholder="best_models/demo.pt")
@@ -274,10 +283,9 @@ def show_model_details(path, meta, model):
             else f"unconditional VAE ({len(meta['classes'])} class folders in its data)")
     st.sidebar.markdown(f"{what}, latent dim {model.latent_dim}, {model.image_size}×{model.image_size} images. "
                         f"Classes: {', '.join(f'`{c}`' for c in meta['classes'])}")
-    key_metrics = [k for k in ("fid", "val_neg_elbo", "val_bits_per_dim", "val_kl", "active_units") if k in metrics]
-    cols = st.sidebar.columns(2)
-    for i, k in enumerate(key_metrics):
-        cols[i % 2].metric(k, f"{metrics[k]:.4g}")
+    rows = [f"| {name} | {metrics[k]:.4g} |" for k, name in KEY_METRICS.items() if k in metrics]
+    if rows:
+        st.sidebar.markdown("\n".join(["| metric | value |", "| --- | ---: |", *rows]))
     with st.sidebar.expander("All metrics"):
         st.json(metrics)
     with st.sidebar.expander("Training config"):
