@@ -348,7 +348,7 @@ def choose_folder(model, meta):
     cache_dir = cfg["data"]["cache_dir"] if Path(cfg["data"]["cache_dir"]).is_dir() else None
     try:
         data = load_images(root, model.image_size, cache_dir, folder_stamp(root))
-    except DataError as e:
+    except (DataError, OSError) as e:
         st.warning(str(e))
         return None
     images, labels, files = images_for_model(data, model, meta["classes"])
@@ -471,10 +471,11 @@ def main():
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # tagged as ours, but not what this version reads
         st.error(f"{path} cannot be used: {type(e).__name__}: {e}")
         return
-    if st.session_state.get("opened") != (path, mtime):
-        for key in MODEL_WIDGETS:  # class lists and data folder belong to the previous model
+    opened = (str(path), tuple(meta["classes"]), meta["config"]["data"]["root"])
+    if st.session_state.get("opened") != opened:  # a new model, not just a newer save of the same run
+        for key in MODEL_WIDGETS:
             st.session_state.pop(key, None)
-        st.session_state["opened"] = (path, mtime)
+        st.session_state["opened"] = opened
     show_model_details(path, meta, model)
     samples, recon, interp = st.tabs(["Samples", "Reconstructions", "Interpolation"])
     with samples:
