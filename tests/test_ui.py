@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pathlib
-import pickle
 import select
 import shutil
 import socket
@@ -61,7 +60,8 @@ def test_lists_checkpoints_newest_first_and_shows_the_model(runs, monkeypatch):
     assert picker.options[:4] == [picker.format_func(str(p)) for p in (
         runs / "logs/tiny_cvae/last.pt", runs / "best/tiny_cvae.pt", runs / "logs/tiny_vae/last.pt",
         runs / "best/tiny_vae.pt")]
-    assert picker.options[0].startswith("tiny_cvae · last · epoch 1 · val −ELBO ") and "CVAE, 3 classes" in picker.options[0]
+    assert picker.options[0].startswith("tiny_cvae · last · epoch 1 · val −ELBO ")
+    assert "CVAE, 3 classes" in picker.options[0]
     assert "· VAE ·" in picker.options[3]
     assert picker.value == str(runs / "logs/tiny_cvae/last.pt")  # the newest is open
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
@@ -109,9 +109,13 @@ def test_a_checkpoint_is_read_once_per_modification_time(runs, monkeypatch, tmp_
     (tmp_path / "best").mkdir()
     copy = tmp_path / "best" / "copy.pt"
     shutil.copy(runs / "best/tiny_cvae.pt", copy)
-    reads = []
-    real_load = run_vae.load_checkpoint
-    monkeypatch.setattr(run_vae, "load_checkpoint", lambda path, *a, **k: reads.append(path) or real_load(path, *a, **k))
+    reads, real_load = [], run_vae.load_checkpoint
+
+    def counted_load(path, *args, **kwargs):
+        reads.append(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_vae, "load_checkpoint", counted_load)  # ui.py imports it from run_vae on every run
     at = start_app(monkeypatch, tmp_path / "best", tmp_path / "logs")
     assert len(reads) == 2  # once for the picker's summary, once for the model
     for seed in (1, 2):
