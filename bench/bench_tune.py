@@ -8,9 +8,12 @@ The sweep runs one trial at a time with the FIFO scheduler (no early stopping) a
 given as points_to_evaluate, so both sides do exactly the same training (and, seeded, get the same numbers).
 The plain side runs in this process with torch already imported, which makes it the fastest possible baseline:
 the ratio is an upper bound on Ray's overhead. Everything is written to a temp folder and deleted afterwards.
+These are wall times: on a busy shared machine (see the load average it prints) both sides slow down, and the
+sweep, with more processes, can get a larger share of the CPUs than the single plain process.
 """
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -59,6 +62,7 @@ def main():
     if len({tuple(t.items()) for t in trials}) < len(trials):
         trials = [{**t, "train.beta": 1.0 + 0.01 * i} for i, t in enumerate(trials)]  # distinct trials
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_tune_") as tmp:
         work = Path(tmp)
         run_vae.make_demo_dataset(work / "data", per_class=args.per_class)
@@ -85,7 +89,8 @@ def main():
         diff = max(abs(swept[tuple(t[k] for k in trials[0])] - v) for t, v in zip(trials, plain))
 
     print(f"\n{len(trials)} trials x {args.epochs} epochs, {3 * args.per_class} demo images at "
-          f"{args.image_size}x{args.image_size}, {args.threads} torch threads")
+          f"{args.image_size}x{args.image_size}, {args.threads} torch threads, load average "
+          f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"plain run_vae.train back to back: {plain_s:7.1f} s")
     print(f"tune_vae sweep (Ray start {ray_start_s:.1f} s): {sweep_s:7.1f} s")
     print(f"ratio sweep / plain: {sweep_s / plain_s:.2f}  (overhead {sweep_s - plain_s:+.1f} s, "
