@@ -17,7 +17,6 @@ import argparse
 import atexit
 import copy
 import csv
-import difflib
 import math
 import os
 import shutil
@@ -72,11 +71,6 @@ FIXED_BY_SWEEP = {
 SECTIONS = ("tune", "search_space", *DEFAULTS)
 
 
-def suggest(key, valid):
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def merge_settings(settings, defaults, updates, source, prefix="tune"):
     """settings <- updates ({key: value}, or 'scheduler.grace_period' style keys from the command line)."""
     if not isinstance(updates, dict):
@@ -85,7 +79,7 @@ def merge_settings(settings, defaults, updates, source, prefix="tune"):
         head, _, rest = str(key).partition(".")
         where = f"{prefix}.{head}"
         if head not in defaults:
-            raise ConfigError(f"{source}: unknown key '{where}'.{suggest(head, defaults)} "
+            raise ConfigError(f"{source}: unknown key '{where}'.{run_vae._suggest(head, defaults)} "
                               f"Valid keys in '{prefix}': {', '.join(defaults)}")
         if isinstance(defaults[head], dict):
             merge_settings(settings[head], defaults[head], {rest: value} if rest else value, source, where)
@@ -121,7 +115,7 @@ def check_search_space(space, base, source):
         section, _, name = str(key).partition(".")
         if section not in DEFAULTS or name not in DEFAULTS[section]:
             valid = [f"{s}.{k}" for s in DEFAULTS for k in DEFAULTS[s]]
-            raise ConfigError(f"{where}: unknown key '{key}'.{suggest(str(key), valid)} "
+            raise ConfigError(f"{where}: unknown key '{key}'.{run_vae._suggest(str(key), valid)} "
                               f"Any section.key of run_vae.DEFAULTS can be searched.")
         if key in FIXED_BY_SWEEP:
             raise ConfigError(f"{where}: '{key}' cannot be searched: {FIXED_BY_SWEEP[key]}")
@@ -130,7 +124,7 @@ def check_search_space(space, base, source):
                               f"or {{choice: [64, 128]}}; got {spec!r}")
         (kind, args), = spec.items()
         if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: '{key}': unknown distribution '{kind}'.{suggest(str(kind), DISTRIBUTIONS)} "
+            raise ConfigError(f"{where}: '{key}': unknown distribution '{kind}'.{run_vae._suggest(str(kind), DISTRIBUTIONS)} "
                               f"Valid: " + "; ".join(f"{k} {v}" for k, v in DISTRIBUTIONS.items()))
         default = DEFAULTS[section][name]
         if kind == "choice":
@@ -167,7 +161,7 @@ def check_points(points, space, base, source):
         out = {}
         for key, value in point.items():
             if key not in space:
-                raise ConfigError(f"{where}: '{key}' is not in search_space.{suggest(str(key), space)}")
+                raise ConfigError(f"{where}: '{key}' is not in search_space.{run_vae._suggest(str(key), space)}")
             (kind, args), = space[key].items()
             _, value = set_trial_value(base, key, value, where)
             inside = value in args if kind == "choice" else args[0] <= value <= args[1]
@@ -230,7 +224,7 @@ def load_sweep(path, overrides=()):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     for section in raw:
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{section}'.{suggest(str(section), SECTIONS)} "
+            raise ConfigError(f"{path}: unknown section '{section}'.{run_vae._suggest(str(section), SECTIONS)} "
                               f"Valid sections: {', '.join(SECTIONS)}")
     cli = run_vae.parse_overrides(overrides) if not isinstance(overrides, dict) else copy.deepcopy(overrides)
     if "search_space" in cli:
@@ -345,9 +339,13 @@ def start_ray(address=None, num_cpus=None, log_to_driver=True):
 # one trial
 
 
+def trial_name(trial_id):
+    """Trial names and folders are trial_<id> (Tune's default folder name lists every hyperparameter)."""
+    return f"trial_{trial_id}"
+
+
 def trial_dirname(trial):
-    """Trial names and folders: trial_<id> (Tune's default folder name lists every hyperparameter)."""
-    return f"trial_{trial.trial_id}"
+    return trial_name(trial.trial_id)
 
 
 def trial_config(base, params, trial_dir, trial_id):
@@ -375,7 +373,7 @@ def run_trial(params, sweep):
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     # get_trial_dir() is a node-local staging folder; our files go straight to the (shared) storage path
-    trial_dir = Path(sweep["experiment_dir"]) / f"trial_{trial_id}"
+    trial_dir = Path(sweep["experiment_dir"]) / trial_name(trial_id)
     cfg = trial_config(sweep["base"], params, trial_dir, trial_id)
     paths = run_vae.Checkpointing(cfg)
 
@@ -504,7 +502,7 @@ def rank_trials(results, sweep):
     for result in results:
         metrics = result.metrics or {}
         done = int(metrics.get("epoch", 0))
-        row = {"trial": Path(result.path).name.removeprefix("trial_"),
+        row = {"trial": Path(result.path).name.removeprefix(trial_name("")),
                "status": "failed" if result.error else ("done" if done >= epochs else "stopped early"),
                "epochs": done, metric: float(metrics.get(key, math.inf))}
         row.update({k: result.config.get(k) for k in sweep["search_space"]})
@@ -521,9 +519,10 @@ def format_value(v):
     return "" if v is None else str(v)
 
 
-def print_table(rows, file=sys.stdout):
+def print_table(rows, file=sys.stdout, max_width=100):
+    """Aligned columns; long cells (errors) are cut here, trials.csv has them whole."""
     columns = [c for c in rows[0] if c != "path"]
-    cells = [[format_value(r[c]) for c in columns] for r in rows]
+    cells = [[format_value(r[c])[:max_width] for c in columns] for r in rows]
     widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), file=file)
     for line in cells:
