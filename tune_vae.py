@@ -568,11 +568,12 @@ def save_best(rows, sweep):
     searched = ", ".join(f"{k}={format_value(best[k])}" for k in sweep["search_space"])
     config_path.write_text(
         f"# Best trial of sweep '{name}' ({best['trial']}): {metric}={format_value(best[metric])} after "
-        f"{best['epochs']} epochs\n# with {searched}. Written by tune_vae.py; all trials: "
-        f"{relative_path(Path(sweep['experiment_dir']) / 'trials.csv')}\n"
-        f"#   train it again:       python run_vae.py --config {relative_path(config_path)}\n"
-        f"#   test the sweep's own: python run_vae.py --config {relative_path(config_path)} run.mode=test "
-        f"test.checkpoint={relative_path(checkpoint)}\n"
+        f"{best['epochs']} epochs. Written by tune_vae.py.\n"
+        f"# Searched: {searched}\n"
+        f"# All trials: {relative_path(Path(sweep['experiment_dir']) / 'trials.csv')}\n"
+        f"# Train it again:                 python run_vae.py --config {relative_path(config_path)}\n"
+        f"# Test the sweep's own checkpoint: python run_vae.py --config {relative_path(config_path)} "
+        f"run.mode=test test.checkpoint={relative_path(checkpoint)}\n"
         + run_vae.config_to_yaml(cfg))
     return {"trial": best["trial"], "value": best[metric], "config": str(config_path), "checkpoint": str(checkpoint)}
 
