@@ -365,8 +365,11 @@ def link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
-def run_trial(params, sweep):
-    """A Tune function trainable: run_vae.train() in the trial folder, one ray.tune.report per epoch."""
+def run_trial(params, sweep, fid_features=None):
+    """A Tune function trainable: run_vae.train() in the trial folder, one ray.tune.report per epoch.
+
+    fid_features: passed on to run_vae.train (a small stand-in for the Inception network in tests).
+    """
     import ray.tune
     import torch
     torch.set_num_threads(max(1, int(sweep["tune"]["cpus_per_trial"])))
@@ -395,7 +398,7 @@ def run_trial(params, sweep):
         finally:  # Tune has copied it into checkpoint_NNNNNN by now
             shutil.rmtree(staging, ignore_errors=True)
 
-    run_vae.train(cfg, resume=checkpoint is not None, report=report)
+    run_vae.train(cfg, resume=checkpoint is not None, report=report, fid_features=fid_features)
 
 # ----------------------------------------------------------------------------------------------------
 # the sweep
@@ -416,10 +419,10 @@ def param_space(sweep):
     return {key: make[kind](args) for key, spec in sweep["search_space"].items() for kind, args in spec.items()}
 
 
-def make_trainable(sweep):
+def make_trainable(sweep, fid_features=None):
     from ray import tune
     resources = {"cpu": sweep["tune"]["cpus_per_trial"], "gpu": sweep["tune"]["gpus_per_trial"]}
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, fid_features=fid_features), resources)
 
 
 def make_searcher(sweep):
@@ -429,7 +432,7 @@ def make_searcher(sweep):
     return OptunaSearch(seed=s["seed"], points_to_evaluate=copy.deepcopy(s["points_to_evaluate"]) or None)
 
 
-def make_tuner(sweep, callbacks=()):
+def make_tuner(sweep, callbacks=(), fid_features=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     s, sched = sweep["tune"], sweep["tune"]["scheduler"]
@@ -449,7 +452,7 @@ def make_tuner(sweep, callbacks=()):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # last.pt holds everything needed to resume
         failure_config=tune.FailureConfig(max_failures=0),       # a failed trial is recorded, the sweep goes on
         callbacks=list(callbacks))
-    return tune.Tuner(make_trainable(sweep), param_space=param_space(sweep), tune_config=tune_config,
+    return tune.Tuner(make_trainable(sweep, fid_features), param_space=param_space(sweep), tune_config=tune_config,
                       run_config=run_config)
 
 
@@ -458,18 +461,20 @@ def sweep_exists(sweep):
     return tune.Tuner.can_restore(sweep["experiment_dir"])
 
 
-def run_sweep(sweep, resume=False, callbacks=()):
+def run_sweep(sweep, resume=False, callbacks=(), fid_features=None):
     """Fit a new sweep or continue a saved one; returns (ResultGrid, interrupted).
 
     callbacks: extra ray.tune.Callback objects for a new sweep; a resumed one keeps those it was saved with.
+    fid_features: see run_trial.
     """
     from ray import tune
     if resume:
         # finished and failed trials stay as they are; unfinished ones continue from their last checkpoint
-        tuner = tune.Tuner.restore(sweep["experiment_dir"], make_trainable(sweep), resume_unfinished=True)
+        tuner = tune.Tuner.restore(sweep["experiment_dir"], make_trainable(sweep, fid_features),
+                                   resume_unfinished=True)
     else:
         save_sweep(sweep)
-        tuner = make_tuner(sweep, callbacks)
+        tuner = make_tuner(sweep, callbacks, fid_features)
     results = tuner.fit()
     return results, count_unfinished(sweep) > 0
 

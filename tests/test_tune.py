@@ -1,12 +1,15 @@
 """tune_vae.py: sweep configs are checked before Ray starts; a real 3-trial sweep on tiny images survives a failed
 trial and Ctrl-C, resumes without rerunning finished trials, and ends with a ranked table and a best config."""
 import csv
+import math
 import os
 import re
 import signal
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 import yaml
 
 import run_vae
@@ -231,3 +234,43 @@ def test_sweep_survives_ctrl_c_and_a_failed_trial_then_ranks_trials_and_writes_t
     # the best config trains as it is with run_vae.py
     assert run_vae.main(["--config", str(best_yaml), "train.epochs=1"]) == 0
     assert (tmp_path / "best" / "best_tiny.pt").is_file() and (tmp_path / "best" / "tune_tiny.pt").is_file()
+
+
+def tiny_features():
+    """A fixed random conv net standing in for Inception, so a FID sweep runs in seconds. Defined inside a
+    function so that it is pickled by value: Ray's workers cannot import this test module."""
+
+    class TinyFeatures(nn.Module):
+        num_features = 16
+        name = "tune-test-random-conv"
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(7)
+            self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        @torch.no_grad()
+        def forward(self, x):
+            return self.net(x.float() / 255)
+
+    return TinyFeatures()
+
+
+def test_fid_sweep_reports_the_metric_every_epoch_and_ranks_by_fid(local_ray, tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=8)
+    sweep = tune_vae.load_sweep(write_sweep(
+        tmp_path, data, tune={"num_samples": 2, "points_to_evaluate": [GOOD, {"train.lr": 2.0e-3, "model.latent_dim": 4}],
+                              "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
+        train={"epochs": 3}, fid={"enabled": True, "every": 2, "num_samples": 16, "batch_size": 16}))
+    assert sweep["tune"]["metric"] == "fid"
+    results, interrupted = tune_vae.run_sweep(sweep, fid_features=tiny_features())
+    assert not interrupted and not results.errors
+    for result in results:  # FID at epochs 2 and 3 (the last); best_fid in every report, inf before the first
+        history = result.metrics_dataframe
+        assert list(history["epoch"]) == [1, 2, 3]
+        assert history["best_fid"].iloc[0] == float("inf") and history["best_fid"].iloc[1:].map(math.isfinite).all()
+        assert history["best_fid"].iloc[2] == min(history["fid"].iloc[1:])
+    rows, best = tune_vae.summarize(results, sweep)
+    assert [r["fid"] for r in rows] == sorted(r["fid"] for r in rows) and "fid" in rows[0]
+    copied = run_vae.load_checkpoint(best["checkpoint"])  # the trial's best checkpoint, chosen by FID
+    assert copied["metrics"]["fid"] == pytest.approx(best["value"])
