@@ -233,7 +233,7 @@ def load_sweep(path, overrides=()):
     settings = merge_settings(settings, TUNE_DEFAULTS, cli.pop("tune", {}), "command line")
 
     # training sections: the sweep YAML first, then the command line; checked one source at a time for clear errors
-    training = {k: v for k, v in raw.items() if k in DEFAULTS}
+    training = {k: v for k, v in raw.items() if k in DEFAULTS and v is not None}
     run_vae.merge_config(DEFAULTS, training, str(path))
     run_vae.merge_config(DEFAULTS, cli, "command line")
     for section, values in cli.items():
@@ -269,6 +269,8 @@ def save_sweep(sweep):
 def load_stored_sweep(sweep):
     """The saved sweep of an interrupted run; differences from the current YAML/overrides are reported, not used."""
     stored = yaml.safe_load(stored_sweep_path(sweep).read_text())
+    # keys run_vae gained since the sweep started get their defaults
+    stored["base"] = run_vae.merge_config(DEFAULTS, stored["base"], str(stored_sweep_path(sweep)))
     changed = changed_keys(stored, sweep)
     if changed:
         print(f"warning: --resume continues the sweep as saved in {stored_sweep_path(sweep)}; ignoring changes to "
