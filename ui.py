@@ -22,7 +22,7 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from run_vae import (DEFAULTS, VAE, CheckpointError, DataError, config_to_yaml, load_checkpoint,
+from run_vae import (DEFAULTS, CheckpointError, DataError, config_to_yaml, load_checkpoint,
                      load_image_folder, make_grid_image, model_from_checkpoint, pick_device, sample_grid,
                      split_train_val, to_float)
 
@@ -166,27 +166,13 @@ def prior_samples(model, classes, n, seed, temperature, class_index=None):
     return images, grid_columns(n), None
 
 
-class _ClassWeights:
-    """Stands in for a VAE inside VAE.decode so that y is used as ready-made class weights, not indices."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def one_hot(self, y):
-        return y
-
-
 @torch.no_grad()
 def decode(model, z, class_weights=None):
     """Decode z; for a CVAE with a blend of classes per row (rows of class_weights sum to 1)."""
     z = z.to(device_of(model))
     if class_weights is None:
         return model.decode(z)
-    # VAE.decode one-hot encodes class indices; a blend has to take the one-hot's place, nothing else changes
-    return VAE.decode(_ClassWeights(model), z, class_weights.to(device_of(model)))
+    return model.decode(z, class_weights.float().to(device_of(model)))  # float rows: a blend of classes
 
 
 def interpolate(a, b, steps, spherical=True):
