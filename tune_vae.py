@@ -79,7 +79,7 @@ def merge_settings(settings, defaults, updates, source, prefix="tune"):
         head, _, rest = str(key).partition(".")
         where = f"{prefix}.{head}"
         if head not in defaults:
-            raise ConfigError(f"{source}: unknown key '{where}'.{run_vae._suggest(head, defaults)} "
+            raise ConfigError(f"{source}: unknown key '{where}'.{run_vae.suggest(head, defaults)} "
                               f"Valid keys in '{prefix}': {', '.join(defaults)}")
         if isinstance(defaults[head], dict):
             merge_settings(settings[head], defaults[head], {rest: value} if rest else value, source, where)
@@ -87,7 +87,7 @@ def merge_settings(settings, defaults, updates, source, prefix="tune"):
             raise ConfigError(f"{source}: unknown key '{where}.{rest}' ('{where}' is not a section)")
         else:
             # run_vae's own type rules, so `tune.*` keys behave exactly like training keys
-            settings[head] = run_vae._coerce(value, defaults[head], f"{source}: {where}")
+            settings[head] = run_vae.coerce_value(value, defaults[head], f"{source}: {where}")
     return settings
 
 
@@ -115,7 +115,7 @@ def check_search_space(space, base, source):
         section, _, name = str(key).partition(".")
         if section not in DEFAULTS or name not in DEFAULTS[section]:
             valid = [f"{s}.{k}" for s in DEFAULTS for k in DEFAULTS[s]]
-            raise ConfigError(f"{where}: unknown key '{key}'.{run_vae._suggest(str(key), valid)} "
+            raise ConfigError(f"{where}: unknown key '{key}'.{run_vae.suggest(str(key), valid)} "
                               f"Any section.key of run_vae.DEFAULTS can be searched.")
         if key in FIXED_BY_SWEEP:
             raise ConfigError(f"{where}: '{key}' cannot be searched: {FIXED_BY_SWEEP[key]}")
@@ -124,7 +124,7 @@ def check_search_space(space, base, source):
                               f"or {{choice: [64, 128]}}; got {spec!r}")
         (kind, args), = spec.items()
         if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: '{key}': unknown distribution '{kind}'.{run_vae._suggest(str(kind), DISTRIBUTIONS)} "
+            raise ConfigError(f"{where}: '{key}': unknown distribution '{kind}'.{run_vae.suggest(str(kind), DISTRIBUTIONS)} "
                               f"Valid: " + "; ".join(f"{k} {v}" for k, v in DISTRIBUTIONS.items()))
         default = DEFAULTS[section][name]
         if kind == "choice":
@@ -161,7 +161,7 @@ def check_points(points, space, base, source):
         out = {}
         for key, value in point.items():
             if key not in space:
-                raise ConfigError(f"{where}: '{key}' is not in search_space.{run_vae._suggest(str(key), space)}")
+                raise ConfigError(f"{where}: '{key}' is not in search_space.{run_vae.suggest(str(key), space)}")
             (kind, args), = space[key].items()
             _, value = set_trial_value(base, key, value, where)
             inside = value in args if kind == "choice" else args[0] <= value <= args[1]
@@ -224,7 +224,7 @@ def load_sweep(path, overrides=()):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     for section in raw:
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{section}'.{run_vae._suggest(str(section), SECTIONS)} "
+            raise ConfigError(f"{path}: unknown section '{section}'.{run_vae.suggest(str(section), SECTIONS)} "
                               f"Valid sections: {', '.join(SECTIONS)}")
     cli = run_vae.parse_overrides(overrides) if not isinstance(overrides, dict) else copy.deepcopy(overrides)
     if "search_space" in cli:

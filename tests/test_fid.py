@@ -220,3 +220,12 @@ def test_wandb_online_without_a_key_is_a_clear_message(tmp_path, image_folder, m
     cfg = tiny_config(tmp_path, image_folder, wandb={"enabled": True, "mode": "online"})
     with pytest.raises(run_vae.ConfigError, match="wandb login|WANDB_API_KEY"):
         train(cfg)
+
+
+def test_auto_fid_budget_depends_on_the_device():
+    auto = run_vae.DEFAULTS["fid"]
+    assert auto["every"] == 0 and auto["num_samples"] == 0
+    cpu = run_vae.resolve_fid_auto(auto, torch.device("cpu"))
+    gpu = run_vae.resolve_fid_auto(auto, torch.device("cuda"))
+    assert (cpu["every"], cpu["num_samples"]) == (5, 500) and (gpu["every"], gpu["num_samples"]) == (1, 2000)
+    assert run_vae.resolve_fid_auto({**auto, "every": 3, "num_samples": 64}, torch.device("cpu"))["every"] == 3
