@@ -30,13 +30,9 @@ import sys
 import unicodedata
 from pathlib import Path, PurePosixPath
 
+import yaml
 from PIL import Image, ImageOps
-
-try:
-    from tqdm import tqdm
-except ImportError:  # a progress bar is a nicety, not a dependency
-    def tqdm(items, **kwargs):
-        return items
+from tqdm import tqdm
 
 FRUITS_DOWNLOAD = ("Kaggle 'moltean/fruits' (https://www.kaggle.com/datasets/moltean/fruits) "
                    "or the 'fruits-360' GitHub repository (https://github.com/fruits-360)")
@@ -93,29 +89,14 @@ def nested_hint(src, folder):
 
 
 def load_mapping(path):
-    """{class: [variety folder, ...]} from JSON, or from the YAML subset such a table needs:
-    'Golden: [Apple Golden 1, Apple Golden 2]' or 'Golden:' followed by '  - Apple Golden 1' lines
-    (parsed by hand, so that the tool needs nothing beyond the stdlib and Pillow)."""
+    """{class: [variety folder, ...]} from a YAML or JSON file (JSON is YAML too)."""
     path = Path(path)
     if not path.is_file():
         fail(f"--mapping {path} does not exist")
-    text, mapping, current = path.read_text(encoding="utf-8"), {}, None
     try:
-        mapping = json.loads(text) if text.lstrip().startswith("{") else {}
-    except json.JSONDecodeError as e:
-        fail(f"--mapping {path}: not valid JSON ({e})")
-    unquote = lambda s: s.strip().strip("'\"")
-    for number, line in enumerate(text.splitlines() if not mapping else [], 1):
-        line = line.split(" #")[0].rstrip()
-        if not line.strip() or line.startswith("#"):
-            continue
-        if line.lstrip().startswith("- ") and current is not None:
-            mapping[current].append(unquote(line.lstrip()[2:]))
-        elif ":" in line and not line[0].isspace():
-            current, value = map(unquote, line.split(":", 1))
-            mapping[current] = [unquote(v) for v in value.strip("[]").split(",") if v.strip()]
-        else:
-            fail(f"--mapping {path} line {number}: expected 'class: [folder, ...]' or '  - folder', got {line!r}")
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        fail(f"--mapping {path}: not valid YAML or JSON ({e})")
     if not (isinstance(mapping, dict) and mapping and all(
             isinstance(v, list) and v and all(isinstance(s, str) for s in v) for v in mapping.values())):
         fail(f"--mapping {path}: expected {{class name: [variety folder, ...]}}, e.g. Golden: [Apple Golden 1]")
