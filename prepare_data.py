@@ -22,7 +22,6 @@ import ast
 import csv
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
