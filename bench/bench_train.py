@@ -1,0 +1,407 @@
+"""
+Training speed of run_vae.train, end to end, against the FLOP ceiling and a plain ImageFolder loop.
+
+    python bench/bench_train.py                  # ~8 min on 2 cores: 2 interleaved rounds, all apples
+    python bench/bench_train.py --quick          # ~1-2 min: 960 images, 1 round
+    python bench/bench_train.py --json           # last line: one JSON object with the figures
+    python bench/bench_train.py --data=my_images --image_size=128 --rounds=3
+
+Data: ../shared/data/apples when present, else generated JPEG fruit (run_vae's demo renderer).
+Config: run_vae's defaults (64x64, batch 64, latent 128, Adam 1e-3), FID off, everything in a temp dir.
+
+Every training run is a fresh process started the way a user starts one, so its start-up (imports,
+decoded-data cache hit, model build) is real and its peak RSS is its own. Other jobs on the machine
+change absolute speeds from minute to minute, so the variants are interleaved round by round (order
+reversed every other round), the matmul ceiling is measured right before and after each run, and
+every figure we care about is a ratio within one round (median over rounds).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import run_vae  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "apples"
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def subset_folder(src, dst, per_class):
+    """Symlinks to the first `per_class` images of each class: a smaller copy of the same JPEGs."""
+    classes, files = run_vae.list_image_folder(src)
+    taken = {}
+    for rel, label in files:
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            (dst / Path(rel).parent).mkdir(parents=True, exist_ok=True)
+            (dst / rel).symlink_to(Path(src).resolve() / rel)
+    return dst
+
+
+def generated_folder(dst, per_class, seed=0):
+    """run_vae's demo fruit saved as 100x100 JPEGs, so the baseline decodes what it would on apples."""
+    for k, (name, colours) in enumerate(run_vae.DEMO_CLASSES.items()):
+        (dst / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = run_vae.render_demo_fruit(np.random.default_rng([seed, k, i]), colours)
+            img.save(dst / name / f"{i:04d}.jpg", quality=90)
+    return dst
+
+# ----------------------------------------------------------------------------------------------------
+# ceiling
+
+
+def matmul_gflops(dtype, device, n, reps=5):
+    """Median GFLOP/s of an n x n matmul: what the BLAS reaches on this machine at this minute."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def gflop_per_image(cfg):
+    """Forward + backward FLOPs of one training step, counted by PyTorch, per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = run_vae.build_model(cfg, 3)
+    bs, size = cfg["train"]["batch_size"], cfg["data"]["image_size"]
+    x, y = torch.rand(bs, 3, size, size), torch.zeros(bs, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        recon, kl, _ = run_vae.vae_loss(x, *model(x, y))
+        (recon + kl).backward()
+    return counter.get_total_flops() / bs / 1e9
+
+# ----------------------------------------------------------------------------------------------------
+# the measured runs; each runs in its own process (see --child)
+
+
+def peak_rss_mib(who=resource.RUSAGE_SELF):
+    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_trainer(job, started):
+    """One run_vae.train() call, instrumented from outside: time to first step, loop, epoch-end work."""
+    t_imported = time.time()
+    marks = {"first_step": None, "epoch_end_s": 0.0, "load_data_s": 0.0}
+    losses = []
+
+    def on_forward(module, args):
+        if module.training and marks["first_step"] is None:
+            marks["first_step"] = time.time()
+
+    build_model, vae_loss = run_vae.build_model, run_vae.vae_loss
+
+    def instrumented_build_model(cfg, num_classes):
+        model = build_model(cfg, num_classes)
+        model.register_forward_pre_hook(on_forward)
+        return model
+
+    def recording_loss(x, x_hat, mu, logvar):
+        out = vae_loss(x, x_hat, mu, logvar)
+        if torch.is_grad_enabled():  # a training step, not evaluation; kept on device: no host sync
+            losses.append(out[0].detach() + out[1].detach())
+        return out
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                marks[key] += time.perf_counter() - t
+        return wrapper
+
+    run_vae.build_model, run_vae.vae_loss = instrumented_build_model, recording_loss
+    run_vae.load_data = timed(run_vae.load_data, "load_data_s")
+    # the work train() does once per epoch besides stepping: validation, grids, checkpoints
+    for name in ("evaluate_elbo", "kl_per_dim_stats", "log_grids", "atomic_save"):
+        setattr(run_vae, name, timed(getattr(run_vae, name), "epoch_end_s"))
+    cfg = run_vae.load_config(None, job["config"])
+    run_vae.train(cfg)
+    done = time.time()
+    steps, bs = len(losses), cfg["train"]["batch_size"]
+    loop_s = done - marks["first_step"]
+    return {"start_s": marks["first_step"] - started, "import_s": t_imported - started,
+            "load_data_s": marks["load_data_s"], "steps": steps, "loop_s": loop_s,
+            "epoch_end_s": marks["epoch_end_s"], "images_per_s": steps * bs / loop_s,
+            "step_images_per_s": steps * bs / (loop_s - marks["epoch_end_s"]),
+            "losses": torch.stack(losses).float().tolist(), "peak_rss_mib": peak_rss_mib()}
+
+
+def child_baseline(job, started):
+    """How most repos train: ImageFolder + transforms + DataLoader decoding JPEGs every epoch, fp32,
+    loss.item() every step. Same model, loss and optimizer as run_vae."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+    cfg = run_vae.load_config(None, job["config"])
+    size, bs, t = cfg["data"]["image_size"], cfg["train"]["batch_size"], cfg["train"]
+    torch.manual_seed(cfg["run"]["seed"])
+    device = run_vae.pick_device(cfg["run"]["device"])
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+    data = datasets.ImageFolder(cfg["data"]["root"], tf)
+    loader = DataLoader(data, batch_size=bs, shuffle=True, num_workers=job["workers"], drop_last=True,
+                        pin_memory=device.type == "cuda")
+    model = run_vae.build_model(cfg, len(data.classes)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"])
+    losses, first = [], time.time()
+    for _ in range(t["epochs"]):  # the clock includes worker start-up and decoding: users wait for both
+        model.train()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            recon, kl, _ = run_vae.vae_loss(x, *model(x, y))
+            loss = recon + t["beta"] * kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    loop_s = time.time() - first
+    return {"start_s": first - started, "steps": len(losses), "loop_s": loop_s, "epoch_end_s": 0.0,
+            "images_per_s": len(losses) * bs / loop_s, "step_images_per_s": len(losses) * bs / loop_s,
+            "losses": losses, "peak_rss_mib": peak_rss_mib(),
+            "workers_peak_rss_mib": peak_rss_mib(resource.RUSAGE_CHILDREN)}
+
+
+def run_child(kind, job, workdir):
+    """Start a fresh interpreter for one measured run; its clock starts when we launch it."""
+    name = f"{kind}_{job['tag']}"
+    job_file, out_file, log_file = (workdir / f"{name}.{ext}" for ext in ("job.json", "out.json", "log"))
+    job_file.write_text(json.dumps(job))
+    started = time.time()
+    with open(log_file, "w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, str(job_file), str(out_file),
+                               repr(started)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{log_file.read_text()[-3000:]}")
+    return json.loads(out_file.read_text())
+
+# ----------------------------------------------------------------------------------------------------
+# loss curves
+
+
+def smooth(values, window):
+    v = np.asarray(values, dtype=np.float64)
+    window = max(1, min(window, len(v)))
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
+def max_rel_diff(a, b, window):
+    n = min(len(a), len(b))
+    sa, sb = smooth(a[:n], window), smooth(b[:n], window)
+    return float(np.max(np.abs(sa - sb) / np.abs(sb))) if len(sa) else float("nan")
+
+
+def minibatch_noise(losses, window):
+    """Median relative scatter of single-step losses around their moving average."""
+    s = smooth(losses, window)
+    raw = np.asarray(losses[window // 2: window // 2 + len(s)])
+    return float(np.median(np.abs(raw - s) / s)) if len(s) else float("nan")
+
+# ----------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def bench(args):
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    device = run_vae.pick_device(args.device)
+    auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run_vae.pick_precision("auto", device)]
+    half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    load_before = os.getloadavg()
+
+    src = Path(args.data)
+    if src.is_dir():
+        data_root = subset_folder(src, workdir / "data", args.subset) if args.subset else src
+        data_note = f"{src}" + (f" (first {args.subset} per class)" if args.subset else "")
+    else:
+        data_root = generated_folder(workdir / "generated", args.subset or 300)
+        data_note = f"generated JPEG fruit ({args.subset or 300} per class; {src} not found)"
+
+    def config(name, precision, seed, epochs=args.epochs):
+        return {"run": {"name": name, "seed": seed, "device": args.device, "log_dir": str(workdir / "logs"),
+                        "best_dir": str(workdir / "best")},
+                "data": {"root": str(data_root), "image_size": args.image_size, "cache_dir": str(workdir / "cache")},
+                "model": {"latent_dim": args.latent_dim},
+                "train": {"epochs": epochs, "batch_size": args.batch_size, "precision": precision},
+                "fid": {"enabled": False}}
+
+    cfg = run_vae.load_config(None, config("flops", "fp32", 0))
+    t = time.perf_counter()
+    n_images = len(run_vae.load_image_folder(cfg["data"]["root"], args.image_size, cfg["data"]["cache_dir"]))
+    cold_decode_s = time.perf_counter() - t  # fills the cache: every measured run below is a "second run"
+    gflop = gflop_per_image(cfg)
+    log(args, f"data: {data_note}, {n_images} images, decoded and cached in {cold_decode_s:.1f} s; "
+              f"{gflop:.3f} GFLOP per training image; load average {load_before[0]:.1f}")
+
+    variants = ["fp32", half] + ([auto] if auto not in ("fp32", half) else [])
+    variants += [f"baseline_w{w}" for w in args.baseline_workers]
+    rounds = []
+    for r in range(args.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]  # drift over time hits both ends equally
+        res = {}
+        mm = {"fp32": matmul_gflops(torch.float32, device, args.matmul_n),
+              half: matmul_gflops(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[half]), device, args.matmul_n)}
+        for v in order:
+            if v.startswith("baseline_w") and r > 0 and v != f"baseline_w{args.baseline_workers[0]}":
+                continue  # the secondary baseline setting is a note: one round of it is enough
+            job = {"tag": f"{v}_r{r}", "config": config(f"{v}_r{r}", "fp32" if v.startswith("baseline") else v, r)}
+            if v.startswith("baseline_w"):
+                job["workers"] = int(v[len("baseline_w"):])
+                out = run_child("baseline", job, workdir)
+            else:
+                out = run_child("trainer", job, workdir)
+            after = {"fp32": matmul_gflops(torch.float32, device, args.matmul_n),
+                     half: matmul_gflops(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[half]),
+                                         device, args.matmul_n)}
+            out["matmul_gflops"] = {k: (mm[k] + after[k]) / 2 for k in mm}
+            mm = after
+            res[v] = out
+            log(args, f"round {r + 1}/{args.rounds} {v:>12}: {out['images_per_s']:6.1f} img/s end to end, "
+                      f"first step after {out['start_s']:.2f} s, peak RSS {out['peak_rss_mib']:.0f} MiB, "
+                      f"matmul fp32 {out['matmul_gflops']['fp32']:.0f} GFLOP/s")
+        rounds.append(res)
+
+    base = f"baseline_w{args.baseline_workers[0]}"
+
+    def per_round(fn):
+        return median([fn(res) for res in rounds])
+
+    def ceiling(res, v, dtype):
+        return res[v]["matmul_gflops"][dtype] / gflop
+
+    fig = {
+        "images_per_s": per_round(lambda res: res[auto]["images_per_s"]),
+        "images_per_s_fp32": per_round(lambda res: res["fp32"]["images_per_s"]),
+        f"images_per_s_{half}": per_round(lambda res: res[half]["images_per_s"]),
+        "step_images_per_s_fp32": per_round(lambda res: res["fp32"]["step_images_per_s"]),
+        f"step_images_per_s_{half}": per_round(lambda res: res[half]["step_images_per_s"]),
+        "ceiling_images_per_s_fp32": per_round(lambda res: ceiling(res, "fp32", "fp32")),
+        f"ceiling_images_per_s_{half}": per_round(lambda res: ceiling(res, half, half)),
+        "ceiling_fraction": per_round(lambda res: res["fp32"]["images_per_s"] / ceiling(res, "fp32", "fp32")),
+        f"ceiling_fraction_{half}": per_round(lambda res: res[half]["images_per_s"] / ceiling(res, half, half)),
+        f"{half}_speedup": per_round(lambda res: res[half]["images_per_s"] / res["fp32"]["images_per_s"]),
+        "vs_baseline": per_round(lambda res: res[auto]["images_per_s"] / res[base]["images_per_s"]),
+        "baseline_images_per_s": per_round(lambda res: res[base]["images_per_s"]),
+        "second_start_s": median([res[v]["start_s"] for res in rounds for v in res if not v.startswith("baseline")]),
+        "second_start_import_s": median([res[v]["import_s"] for res in rounds for v in res if "import_s" in res[v]]),
+        "second_start_load_data_s": median([res[v]["load_data_s"] for res in rounds for v in res if "load_data_s" in res[v]]),
+        "epoch_end_fraction": per_round(lambda res: res[auto]["epoch_end_s"] / res[auto]["loop_s"]),
+        "images_per_s_with_start": per_round(
+            lambda res: res[auto]["steps"] * args.batch_size / (res[auto]["loop_s"] + res[auto]["start_s"])),
+        "cold_decode_s": cold_decode_s,
+        "peak_rss_mib": max(res[v]["peak_rss_mib"] for res in rounds for v in res if not v.startswith("baseline")),
+        "baseline_peak_rss_mib": max(res[v]["peak_rss_mib"] for res in rounds for v in res if v.startswith("baseline")),
+        "gflop_per_image": gflop,
+        "matmul_gflops_fp32": per_round(lambda res: res["fp32"]["matmul_gflops"]["fp32"]),
+        f"matmul_gflops_{half}": per_round(lambda res: res[half]["matmul_gflops"][half]),
+    }
+    for w in args.baseline_workers[1:]:
+        v = f"baseline_w{w}"
+        fig[f"vs_baseline_w{w}"] = rounds[0][auto]["images_per_s"] / rounds[0][v]["images_per_s"]
+    # loss of the half-precision run against fp32 from the same seed, beside the spread fp32 shows
+    # between two seeds (needs 2 rounds) and from one minibatch to the next
+    window = max(2, min(10, rounds[0]["fp32"]["steps"] // 4))
+    fig[f"loss_{half}_vs_fp32"] = max(max_rel_diff(res[half]["losses"], res["fp32"]["losses"], window) for res in rounds)
+    if len(rounds) > 1:
+        fig["loss_fp32_seed_noise"] = max_rel_diff(rounds[1]["fp32"]["losses"], rounds[0]["fp32"]["losses"], window)
+    fig["loss_minibatch_noise"] = minibatch_noise(rounds[0]["fp32"]["losses"], window)
+    fig.update(auto_precision=auto, device=str(device), data=data_note, images=n_images,
+               image_size=args.image_size, batch_size=args.batch_size, latent_dim=args.latent_dim,
+               epochs=args.epochs, rounds=args.rounds, baseline=base,
+               load_average=[round(load_before[0], 2), round(os.getloadavg()[0], 2)])
+    report(args, fig, half, auto, base)
+    return fig
+
+
+def log(args, text):
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def report(args, f, half, auto, base):
+    w0 = [k for k in f if k.startswith("vs_baseline_w")]
+    noise = f.get("loss_fp32_seed_noise", f["loss_minibatch_noise"])
+    noise_kind = "seed-to-seed" if "loss_fp32_seed_noise" in f else "minibatch"
+    lines = [
+        "",
+        f"{f['device']}, {torch.get_num_threads()} threads, {f['images']} images {f['image_size']}x{f['image_size']}, "
+        f"batch {f['batch_size']}, latent {f['latent_dim']}, {f['epochs']} epoch(s) per run, {f['rounds']} round(s); "
+        f"load average {f['load_average'][0]} -> {f['load_average'][1]}",
+        f"ceiling: matmul {f['matmul_gflops_fp32']:.0f} GFLOP/s fp32, {f[f'matmul_gflops_{half}']:.0f} {half}; "
+        f"{f['gflop_per_image']:.3f} GFLOP per image -> {f['ceiling_images_per_s_fp32']:.0f} img/s fp32, "
+        f"{f[f'ceiling_images_per_s_{half}']:.0f} img/s {half}",
+        f"run_vae fp32        {f['images_per_s_fp32']:7.1f} img/s end to end ({f['step_images_per_s_fp32']:.1f} in the "
+        f"step loop) = {f['ceiling_fraction']:.0%} of the fp32 ceiling",
+        f"run_vae {half}        {f[f'images_per_s_{half}']:7.1f} img/s end to end ({f[f'step_images_per_s_{half}']:.1f} "
+        f"in the step loop) = {f[f'ceiling_fraction_{half}']:.0%} of the {half} ceiling, "
+        f"{f[f'{half}_speedup']:.2f}x fp32",
+        f"run_vae default     {f['images_per_s']:7.1f} img/s (precision auto -> {auto}); per-epoch validation, "
+        f"grids and checkpoints take {f['epoch_end_fraction']:.1%} of it; {f['images_per_s_with_start']:.1f} img/s "
+        f"counting start-up",
+        f"plain baseline      {f['baseline_images_per_s']:7.1f} img/s ({base.replace('baseline_w', 'num_workers=')}) "
+        f"-> default config is {f['vs_baseline']:.2f}x"
+        + "".join(f", {f[k]:.2f}x against num_workers={k[len('vs_baseline_w'):]}" for k in w0),
+        f"{half} loss vs fp32 (same seed, smoothed): max relative difference {f[f'loss_{half}_vs_fp32']:.2%}; "
+        f"fp32 {noise_kind} noise {noise:.2%}",
+        f"start-up of a second run (cache hit) to its first step: {f['second_start_s']:.2f} s "
+        f"(python + imports {f['second_start_import_s']:.2f} s, cached data {f['second_start_load_data_s']:.2f} s); "
+        f"first run's decode {f['cold_decode_s']:.1f} s",
+        f"peak RSS: run_vae {f['peak_rss_mib']:.0f} MiB, baseline {f['baseline_peak_rss_mib']:.0f} MiB (main process)",
+    ]
+    log(args, "\n".join(lines))
+    if args.json:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="class-per-folder images; generated when missing")
+    p.add_argument("--subset", type=int, default=0, help="images per class (0 = all; generated: 300)")
+    p.add_argument("--image_size", type=int, default=run_vae.DEFAULTS["data"]["image_size"])
+    p.add_argument("--batch_size", type=int, default=run_vae.DEFAULTS["train"]["batch_size"])
+    p.add_argument("--latent_dim", type=int, default=run_vae.DEFAULTS["model"]["latent_dim"])
+    p.add_argument("--epochs", type=int, default=1, help="epochs per measured run")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; 2+ also gives the seed noise")
+    p.add_argument("--baseline_workers", default="2,0", help="DataLoader num_workers; the first is the reference")
+    p.add_argument("--matmul_n", type=int, default=2048)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="320 images per class, 1 round")
+    p.add_argument("--json", action="store_true", help="figures as one JSON object on the last line")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, job_file, out_file, started = args.child
+        fn = {"trainer": child_trainer, "baseline": child_baseline}[kind]
+        out = fn(json.loads(Path(job_file).read_text()), float(started))
+        Path(out_file).write_text(json.dumps(out))
+        return 0
+    if args.quick:
+        args.subset, args.rounds = args.subset or 320, 1
+    args.baseline_workers = [int(w) for w in args.baseline_workers.split(",")]
+    bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""bench/bench_train.py end to end on tiny images: every measured run starts, the --json line has the figures."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, make_image_folder
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_train  # noqa: E402
+
+TINY = ["--image_size", "16", "--batch_size", "8", "--latent_dim", "8", "--rounds", "1", "--matmul_n", "128"]
+
+
+def test_bench_json_has_the_figures(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data", str(images),
+                          "--baseline_workers", "0", "--json", *TINY],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("images_per_s", "ceiling_fraction", "bf16_speedup", "vs_baseline", "second_start_s",
+                "peak_rss_mib", "gflop_per_image", "loss_bf16_vs_fp32"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert figures["images"] == 36 and figures["auto_precision"] in ("fp32", "bf16")
+    assert "end to end" in out.stderr  # the human-readable table goes to stderr under --json
+
+
+def test_generated_and_subset_folders_are_loadable_image_folders(tmp_path):
+    gen = bench_train.generated_folder(tmp_path / "gen", per_class=2)
+    sub = bench_train.subset_folder(gen, tmp_path / "sub", per_class=1)
+    classes, files = bench_train.run_vae.list_image_folder(sub)
+    assert classes == ["Golden", "Golden-Red", "Red"] and len(files) == 3
+    assert all(f.endswith(".jpg") for f, _ in files)
+
+
+def test_loss_curve_comparison():
+    a = [10.0, 8.0, 6.0, 5.0, 4.0, 4.0]
+    assert bench_train.max_rel_diff(a, a, 2) == 0.0
+    assert abs(bench_train.max_rel_diff([x * 1.01 for x in a], a, 2) - 0.01) < 1e-9
