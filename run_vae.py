@@ -974,7 +974,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             shuffle.set_state(epoch_shuffle_state)
             batches = iterate_batches(len(train_set), bs, shuffle)
             sums = torch.zeros(3, device=device)  # loss, recon, kl summed on device: no per-step host sync
-            bar = tqdm(batches[batch_in_epoch:], desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=None)
+            todo = batches[batch_in_epoch:]
+            bar = tqdm(todo, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=None)
             for idx in bar:
                 idx = idx.to(device)
                 x = to_float(train_images[idx]).contiguous(memory_format=memory_format)
@@ -1030,7 +1031,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             epoch += 1
             batch_in_epoch, epoch_shuffle_state = 0, shuffle.get_state()
             epochs_this_call += 1
-            n = max(1, len(batches))
+            n = max(1, len(todo))  # a resumed epoch averages only the steps it ran
             metrics = {"loss": sums[0].item() / n, "recon": sums[1].item() / n, "kl": sums[2].item() / n,
                        "beta": beta, "epoch": epoch}
             eval_set = val_set if len(val_set) else train_set
