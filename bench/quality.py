@@ -6,6 +6,7 @@ FID (and KID) of prior samples against a fixed, seeded set of real images with T
     python bench/quality.py --variants default,plain         # also the seed architecture trained plainly
     python bench/quality.py --config config/train_impressionism.yaml --data ../shared/data/impressionism_sample
     python bench/quality.py train.beta=0.5 --json            # any run_vae override; last line is JSON
+    python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 2000   # score a finished run
 
 Data: ../shared/data/apples when present, else the generated demo fruit. Real statistics are cached
 under .cache/, so only the first run pays for them. The 90% train split is fixed by run.seed.
@@ -33,15 +34,21 @@ VARIANTS = {
 }
 
 
-def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir):
+def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None):
     overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
                  "data.val_fraction=0.1", "data.demo=false"] + overrides
     cfg = run_vae.load_config(config, overrides)
     t0 = time.time()
-    summary = run_vae.train(cfg)
+    if checkpoint is None:
+        summary = run_vae.train(cfg)
+        checkpoint = Path(summary["run_dir"]) / "last.pt"  # the final weights (EMA if on)
+    else:  # score a finished run: its own config decides the model and the split
+        cfg = run_vae.merge_config(run_vae.DEFAULTS, run_vae.load_checkpoint(checkpoint)["config"], str(checkpoint))
+        cfg["data"]["root"], cfg["data"]["cache_dir"] = data_root, str(REPO / ".cache")
     train_s = time.time() - t0
-    ckpt = run_vae.load_checkpoint(Path(summary["run_dir"]) / "last.pt")  # the final weights (EMA if on)
+    ckpt = run_vae.load_checkpoint(checkpoint)
+    epochs = ckpt["epoch"]
     model = run_vae.model_from_checkpoint(ckpt, run_vae.pick_device(cfg["run"]["device"]))
     cfg["fid"].update(enabled=True, num_samples=num_samples, real_max=num_real, real_split="train")
     data, train_idx, val_idx = run_vae.load_data(cfg)
@@ -49,12 +56,13 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     scorer = run_vae.FIDScorer(cfg, data, train_idx, val_idx, model.fc_mu.weight.device)
     scores = scorer.score(model, with_kid=True)
     fid_s = time.time() - t0
-    out = Path(summary["run_dir"]) / "samples.png"
+    out = Path(checkpoint).with_name("samples.png")
     images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(out)
     return {"variant": name, "fid": scores["fid"], "kid": scores["kid"], "kid_std": scores["kid_std"],
             "num_generated": num_samples, "num_real": scorer.num_real, "epochs": epochs,
-            "train_s": round(train_s, 1), "fid_s": round(fid_s, 1), "val_bits_per_dim": summary.get("val_bits_per_dim"),
+            "train_s": round(train_s, 1), "fid_s": round(fid_s, 1),
+            "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"),
             "extractor": scorer.extractor_name, "samples": str(out)}
 
 
@@ -67,6 +75,7 @@ def main():
     p.add_argument("--num-real", type=int, default=2000)
     p.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--out", default=str(REPO / "logs" / "quality"))
+    p.add_argument("--checkpoint", default=None, help="score this finished run's checkpoint instead of training")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
@@ -81,7 +90,7 @@ def main():
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         rows.append(measure(args.config, data_root, VARIANTS[variant] + args.overrides, args.epochs,
-                            args.num_samples, args.num_real, f"{variant}-{stamp}", args.out))
+                            args.num_samples, args.num_real, f"{variant}-{stamp}", args.out, args.checkpoint))
         rows[-1]["variant"] = variant
     print(f"\ndata: {data_root}   config: {args.config}   overrides: {' '.join(args.overrides) or '-'}")
     print(f"{'variant':<10} {'FID':>8} {'KID':>9} {'N gen':>6} {'N real':>7} {'epochs':>6} {'train s':>8} {'FID s':>6}")
