@@ -549,45 +549,38 @@ def beta_at(step, steps_per_epoch, beta, warmup_epochs=0, cycle_epochs=0):
 # evaluation
 
 
+ACTIVE_UNIT_NATS = 0.01  # a latent dim whose mean KL is below this carries no information (collapsed)
+
+
 @torch.no_grad()
 def evaluate_elbo(model, data, device, batch_size=256):
-    """Validation recon (summed MSE), KL, negative ELBO in nats and bits/dim.
+    """Validation recon (summed MSE), KL, negative ELBO in nats, bits/dim and active units, plus the
+    mean KL of each latent dim (for the collapse histogram), all from one pass over the images.
 
     The likelihood is a Gaussian decoder with one variance for all pixels, set to its maximum-likelihood
     value (the mean squared error), so models trained with any beta are scored on the same footing.
     """
     if len(data) == 0:
-        return {}
+        return {}, None
     model.eval()
-    sse = kl = 0.0
+    sse, kl_dims = 0.0, None
     for i in range(0, len(data), batch_size):
         x = to_float(data.images[i:i + batch_size]).to(device)
         y = data.labels[i:i + batch_size].to(device)
         mu, logvar = model.encode(x, y)
         x_hat = model.decode(mu, y)  # the posterior mean: recon error without sampling noise
-        r, k, _ = vae_loss(x, x_hat, mu, logvar)
+        r, _, kl_dim = vae_loss(x, x_hat, mu, logvar)
         sse += r.item() * len(x)
-        kl += k.item() * len(x)
+        kl_dims = kl_dim * len(x) if kl_dims is None else kl_dims + kl_dim * len(x)
     n, dims = len(data), data.images[0].numel()
+    kl_dims = (kl_dims / n).cpu()
+    kl = float(kl_dims.sum())
     mse = sse / (n * dims)
     nll = 0.5 * dims * (math.log(2 * math.pi * max(mse, 1e-12)) + 1.0)
-    neg_elbo = nll + kl / n
-    return {"val_recon": sse / n, "val_mse": mse, "val_kl": kl / n, "val_neg_elbo": neg_elbo,
-            "val_bits_per_dim": (neg_elbo + dims * math.log(256)) / (dims * math.log(2))}
-
-
-@torch.no_grad()
-def kl_per_dim_stats(model, data, device, batch_size=256, threshold=0.01):
-    """Mean KL of each latent dim over validation images; a dim below `threshold` nats is collapsed."""
-    model.eval()
-    total = None
-    for i in range(0, len(data), batch_size):
-        x = to_float(data.images[i:i + batch_size]).to(device)
-        mu, logvar = model.encode(x, data.labels[i:i + batch_size].to(device))
-        _, _, kl_dim = vae_loss(x, x, mu, logvar)
-        total = kl_dim * len(x) if total is None else total + kl_dim * len(x)
-    kl = (total / len(data)).cpu()
-    return kl, int((kl > threshold).sum())
+    neg_elbo = nll + kl
+    return {"val_recon": sse / n, "val_mse": mse, "val_kl": kl, "val_neg_elbo": neg_elbo,
+            "val_bits_per_dim": (neg_elbo + dims * math.log(256)) / (dims * math.log(2)),
+            "active_units": int((kl_dims > ACTIVE_UNIT_NATS).sum())}, kl_dims
 
 
 def to_uint8(images):
@@ -1035,9 +1028,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             metrics = {"loss": sums[0].item() / n, "recon": sums[1].item() / n, "kl": sums[2].item() / n,
                        "beta": beta, "epoch": epoch}
             eval_set = val_set if len(val_set) else train_set
-            metrics.update(evaluate_elbo(sampling_model, eval_set, device))
-            kl_dims, active = kl_per_dim_stats(sampling_model, eval_set, device)
-            metrics["active_units"] = active
+            val_metrics, kl_dims = evaluate_elbo(sampling_model, eval_set, device)
+            metrics.update(val_metrics)
             writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
             if epoch % t["sample_every"] == 0 or epoch == t["epochs"]:
                 log_grids(writer, wandb_run, sampling_model, data.classes, eval_set, cfg, epoch, device)
@@ -1179,7 +1171,7 @@ def test(cfg, fid_features=None):
         raise CheckpointError(f"data has {len(data.classes)} classes but the model knows {model.num_classes}")
 
     metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set)}
-    metrics.update(evaluate_elbo(model, val_set, device))
+    metrics.update(evaluate_elbo(model, val_set, device)[0])
     samples, nrow, labels = sample_grid(model, ckpt["classes"], tc["samples_per_class"], cfg["run"]["seed"],
                                         tc["temperature"])
     make_grid_image(samples, nrow, labels).save(out_dir / "samples.png")

@@ -138,7 +138,7 @@ def child_trainer(job, started):
     run_vae.build_model, run_vae.vae_loss = instrumented_build_model, recording_loss
     run_vae.load_data = timed(run_vae.load_data, "load_data_s")
     # the work train() does once per epoch besides stepping: validation, grids, checkpoints
-    for name in ("evaluate_elbo", "kl_per_dim_stats", "log_grids", "atomic_save"):
+    for name in ("evaluate_elbo", "log_grids", "atomic_save"):
         setattr(run_vae, name, timed(getattr(run_vae, name), "epoch_end_s"))
     cfg = run_vae.load_config(None, job["config"])
     run_vae.train(cfg)

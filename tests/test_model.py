@@ -77,3 +77,17 @@ def test_beta_cycle_ramps_over_first_half_then_holds_and_restarts():
     assert values == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0])
     # cyclic wins over warm-up when both are given
     assert beta_at(40, spe, 1.0, warmup_epochs=2, cycle_epochs=4) == 0.0
+
+
+def test_evaluation_counts_collapsed_latent_dims(image_folder):
+    from run_vae import evaluate_elbo, load_image_folder
+    data = load_image_folder(image_folder, 16)
+    model = VAE(16, latent_dim=8)
+    with torch.no_grad():  # dims 3..7 always encode N(0, 1): the prior itself, zero KL, no information
+        for layer in (model.fc_mu, model.fc_logvar):
+            layer.weight[3:] = 0
+            layer.bias[3:] = 0
+        model.fc_mu.bias[:3] = 1.0  # dims 0..2 clearly away from the prior
+    metrics, kl_dims = evaluate_elbo(model, data, torch.device("cpu"))
+    assert kl_dims.shape == (8,) and torch.all(kl_dims[3:] == 0) and torch.all(kl_dims[:3] > 0.01)
+    assert metrics["active_units"] == 3 and metrics["val_kl"] == pytest.approx(float(kl_dims.sum()))
