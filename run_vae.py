@@ -445,9 +445,13 @@ def load_data(cfg):
     return data, train_idx, val_idx
 
 
-def iterate_batches(n, batch_size, generator, drop_last=True):
-    """Shuffled index batches; the last short batch is dropped in training so BN never sees a tiny batch."""
-    perm = torch.randperm(n, generator=generator)
+def iterate_batches(n, batch_size, generator, drop_last=True, device="cpu"):
+    """Shuffled index batches; the last short batch is dropped in training so BN never sees a tiny batch.
+
+    The permutation is drawn on the CPU (same order on any device) and copied to `device` in one go,
+    so a training step indexes device memory instead of waiting for a host-to-device copy.
+    """
+    perm = torch.randperm(n, generator=generator).to(device)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
@@ -553,7 +557,7 @@ ACTIVE_UNIT_NATS = 0.01  # a latent dim whose mean KL is below this carries no i
 
 
 @torch.no_grad()
-def evaluate_elbo(model, data, device, batch_size=256):
+def evaluate_elbo(model, data, device, batch_size=256, amp_dtype=None):
     """Validation recon (summed MSE), KL, negative ELBO in nats, bits/dim and active units, plus the
     mean KL of each latent dim (for the collapse histogram), all from one pass over the images.
 
@@ -567,8 +571,9 @@ def evaluate_elbo(model, data, device, batch_size=256):
     for i in range(0, len(data), batch_size):
         x = to_float(data.images[i:i + batch_size]).to(device)
         y = data.labels[i:i + batch_size].to(device)
-        mu, logvar = model.encode(x, y)
-        x_hat = model.decode(mu, y)  # the posterior mean: recon error without sampling noise
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            mu, logvar = model.encode(x, y)
+            x_hat = model.decode(mu, y)  # the posterior mean: recon error without sampling noise
         r, _, kl_dim = vae_loss(x, x_hat, mu, logvar)
         sse += r.item() * len(x)
         kl_dims = kl_dim * len(x) if kl_dims is None else kl_dims + kl_dim * len(x)
@@ -901,9 +906,11 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     total_steps = steps_per_epoch * t["epochs"]
 
     model = build_model(cfg, len(data.classes)).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    # channels_last suits both cuDNN and oneDNN convolutions (measured in bench/bench_train.py)
+    memory_format = torch.channels_last
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"])
+    # one fused kernel for the whole update instead of a dozen elementwise passes over the weights
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], fused=True)
     if t["lr_schedule"] == "cosine":
         lr_lambda = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     else:
@@ -965,12 +972,11 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
         while epoch < t["epochs"]:
             model.train()
             shuffle.set_state(epoch_shuffle_state)
-            batches = iterate_batches(len(train_set), bs, shuffle)
+            batches = iterate_batches(len(train_set), bs, shuffle, device=device)
             sums = torch.zeros(3, device=device)  # loss, recon, kl summed on device: no per-step host sync
             todo = batches[batch_in_epoch:]
             bar = tqdm(todo, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=None)
             for idx in bar:
-                idx = idx.to(device)
                 x = to_float(train_images[idx]).contiguous(memory_format=memory_format)
                 y = train_labels[idx]
                 if cfg["data"]["hflip"]:
@@ -1028,7 +1034,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             metrics = {"loss": sums[0].item() / n, "recon": sums[1].item() / n, "kl": sums[2].item() / n,
                        "beta": beta, "epoch": epoch}
             eval_set = val_set if len(val_set) else train_set
-            val_metrics, kl_dims = evaluate_elbo(sampling_model, eval_set, device)
+            val_metrics, kl_dims = evaluate_elbo(sampling_model, eval_set, device, amp_dtype=amp_dtype)
             metrics.update(val_metrics)
             writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
             if epoch % t["sample_every"] == 0 or epoch == t["epochs"]:
