@@ -61,11 +61,11 @@ DEFAULTS = {
     },
     "train": {
         "epochs": 20,
-        "batch_size": 32,         # defaults from the measurements in README "Results"
-        "lr": 2e-3,               # Adam
+        "batch_size": 8,          # from the measurements in README "Results": at a fixed number of
+        "lr": 1e-3,               # Adam; epochs, more and smaller steps beat fewer, larger ones
         "lr_schedule": "cosine",  # constant | cosine (per step, down to 0 at the last step)
-        "beta": 1.0,              # beta max: weight of the KL term (see README "Loss")
-        "beta_warmup": 2,         # epochs of linear warm-up from 0 to beta; 0 = off
+        "beta": 0.5,              # beta max: weight of the KL term (see README "Loss")
+        "beta_warmup": 0,         # epochs of linear warm-up from 0 to beta; 0 = off (beta 0 lets the KL explode)
         "beta_cycle": 0,          # cyclic beta period in epochs (ramp over the first half); 0 = off
         "ema": 0.0,               # decay of a moving average of the weights used for sampling; 0 = off
         "grad_clip": 0.0,         # max gradient norm; 0 = off
