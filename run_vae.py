@@ -445,15 +445,18 @@ def load_data(cfg):
     return data, train_idx, val_idx
 
 
-def iterate_batches(n, batch_size, generator, drop_last=True, device="cpu"):
-    """Shuffled index batches; the last short batch is dropped in training so BN never sees a tiny batch.
+def num_batches(n, batch_size, drop_last=True):
+    """Batches an epoch of n images yields: the last short one is dropped in training so BN never sees
+    a tiny batch (unless it is the only one)."""
+    return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
 
-    The permutation is drawn on the CPU (same order on any device) and copied to `device` in one go,
-    so a training step indexes device memory instead of waiting for a host-to-device copy.
-    """
+
+def iterate_batches(n, batch_size, generator, drop_last=True, device="cpu"):
+    """Shuffled index batches. The permutation is drawn on the CPU (the same order on any device) and
+    copied to `device` in one go, so a training step indexes device memory instead of waiting for a
+    host-to-device copy."""
     perm = torch.randperm(n, generator=generator).to(device)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(num_batches(n, batch_size, drop_last))]
 
 
 def to_float(images_uint8):
@@ -902,7 +905,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     train_images = train_set.images.to(device)  # moved once: a batch is an index, not a copy from the host
     train_labels = train_set.labels.to(device)
     t, bs = cfg["train"], min(cfg["train"]["batch_size"], len(train_set))
-    steps_per_epoch = len(iterate_batches(len(train_set), bs, torch.Generator()))
+    steps_per_epoch = num_batches(len(train_set), bs)
     total_steps = steps_per_epoch * t["epochs"]
 
     model = build_model(cfg, len(data.classes)).to(device)

@@ -40,14 +40,16 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
                  "data.val_fraction=0.1", "data.demo=false"] + overrides
     cfg = run_vae.load_config(config, overrides)
     t0 = time.time()
-    if checkpoint is None:
+    finished_run = checkpoint is not None
+    if not finished_run:
         summary = run_vae.train(cfg)
         checkpoint = Path(summary["run_dir"]) / "last.pt"  # the final weights (EMA if on)
-    else:  # score a finished run: its own config decides the model and the split
-        cfg = run_vae.merge_config(run_vae.DEFAULTS, run_vae.load_checkpoint(checkpoint)["config"], str(checkpoint))
-        cfg["data"]["root"], cfg["data"]["cache_dir"] = data_root, str(REPO / ".cache")
     train_s = time.time() - t0
     ckpt = run_vae.load_checkpoint(checkpoint)
+    if finished_run:  # a finished run was given: its own config decides the model and the split
+        cache_dir = cfg["data"]["cache_dir"]
+        cfg = run_vae.merge_config(run_vae.DEFAULTS, ckpt["config"], str(checkpoint))
+        cfg["data"]["root"], cfg["data"]["cache_dir"] = data_root, cache_dir
     epochs = ckpt["epoch"]
     model = run_vae.model_from_checkpoint(ckpt, run_vae.pick_device(cfg["run"]["device"]))
     cfg["fid"].update(enabled=True, num_samples=num_samples, real_max=num_real, real_split="train")

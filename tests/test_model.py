@@ -91,3 +91,31 @@ def test_evaluation_counts_collapsed_latent_dims(image_folder):
     metrics, kl_dims = evaluate_elbo(model, data, torch.device("cpu"))
     assert kl_dims.shape == (8,) and torch.all(kl_dims[3:] == 0) and torch.all(kl_dims[:3] > 0.01)
     assert metrics["active_units"] == 3 and metrics["val_kl"] == pytest.approx(float(kl_dims.sum()))
+
+
+def test_validation_under_bf16_autocast_matches_float32(image_folder):
+    """Training validates under its own autocast; bf16 must change the figures only at rounding level."""
+    from run_vae import evaluate_elbo, load_image_folder
+    data = load_image_folder(image_folder, 16)
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=8, num_classes=len(data.classes))
+    fp32, kl32 = evaluate_elbo(model, data, torch.device("cpu"))
+    bf16, kl16 = evaluate_elbo(model, data, torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert bf16["val_recon"] == pytest.approx(fp32["val_recon"], rel=0.02)
+    assert bf16["val_kl"] == pytest.approx(fp32["val_kl"], rel=0.05)
+    assert bf16["val_recon"] != fp32["val_recon"]  # bf16 really ran: its rounding shows in the sums
+    assert kl16.dtype == kl32.dtype == torch.float32
+
+
+def test_batches_cover_the_set_once_and_land_on_the_requested_device():
+    from run_vae import iterate_batches, num_batches
+    g = torch.Generator().manual_seed(0)
+    batches = iterate_batches(10, 4, g)
+    assert len(batches) == num_batches(10, 4) == 2 and all(len(b) == 4 for b in batches)  # short batch dropped
+    assert len(set(torch.cat(batches).tolist())) == 8
+    assert num_batches(3, 4) == 1 and [len(b) for b in iterate_batches(3, 4, g)] == [3]  # the only batch stays
+    assert [len(b) for b in iterate_batches(10, 4, g, drop_last=False)] == [4, 4, 2]
+    # the same order on any device, copied there once ("meta" stands in for a GPU)
+    on_cpu = iterate_batches(10, 4, torch.Generator().manual_seed(1))
+    on_meta = iterate_batches(10, 4, torch.Generator().manual_seed(1), device="meta")
+    assert all(b.device.type == "meta" for b in on_meta) and [b.shape for b in on_meta] == [b.shape for b in on_cpu]
