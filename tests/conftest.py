@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,30 @@ def tiny_config(tmp_path, data_root, **sections):
     for section, values in sections.items():
         updates.setdefault(section, {}).update(values)
     return run_vae.load_config(None, updates)
+
+
+def tiny_features():
+    """A fixed random conv net standing in for Inception: fast, still sees colour and shape, and counts
+    the images it ran on (cache tests). The class is defined inside this function so that it is pickled
+    by value: Ray's workers cannot import the test modules."""
+
+    class TinyFeatures(nn.Module):
+        num_features = 24
+        name = "tiny-random-conv"
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(123)
+            self.net = nn.Sequential(nn.Conv2d(3, 12, 3, 2), nn.ReLU(), nn.Conv2d(12, 24, 3, 2), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.calls = 0
+
+        @torch.no_grad()
+        def forward(self, x):
+            self.calls += len(x)
+            return self.net(x.float() / 255)
+
+    return TinyFeatures()
 
 
 @pytest.fixture

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn as nn
 
 import run_vae
-from conftest import make_image_folder, tiny_config
+from conftest import make_image_folder, tiny_config, tiny_features
 from run_vae import FIDScorer, fid_from_features, kid_from_features, load_checkpoint, train
 
 
@@ -92,25 +91,6 @@ def test_shipped_network_scores_like_fid_should(demo_images):
 
 # --- cached real features, best-by-FID checkpoints, trackers --------------------------------------------
 
-class TinyFeatures(nn.Module):
-    """A fixed random conv net: fast stand-in for Inception that still sees colour and shape."""
-
-    num_features = 24
-    name = "tiny-random-conv"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(123)
-        self.net = nn.Sequential(nn.Conv2d(3, 12, 3, 2), nn.ReLU(), nn.Conv2d(12, 24, 3, 2), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.calls = 0
-
-    @torch.no_grad()
-    def forward(self, x):
-        self.calls += len(x)
-        return self.net(x.float() / 255)
-
-
 def fid_config(tmp_path, root, **sections):
     sections.setdefault("fid", {})
     sections["fid"] = {"enabled": True, "every": 1, "num_samples": 24, "batch_size": 12, **sections["fid"]}
@@ -120,20 +100,20 @@ def fid_config(tmp_path, root, **sections):
 def test_real_features_are_cached_and_invalidated(tmp_path, image_folder):
     cfg = fid_config(tmp_path, image_folder)
     data, tr, va = run_vae.load_data(cfg)
-    first = TinyFeatures()
+    first = tiny_features()
     FIDScorer(cfg, data, tr, va, torch.device("cpu"), first)
     assert first.calls == len(tr)
-    again = TinyFeatures()
+    again = tiny_features()
     scorer = FIDScorer(cfg, data, tr, va, torch.device("cpu"), again)
     assert again.calls == 0  # the network never ran on real images the second time
     (image_folder / "Red" / "000.jpg").unlink()  # files changed: new statistics
     data2, tr2, va2 = run_vae.load_data(cfg)
-    changed = TinyFeatures()
+    changed = tiny_features()
     FIDScorer(cfg, data2, tr2, va2, torch.device("cpu"), changed)
     assert changed.calls == len(tr2)
     cfg["data"]["image_size"] = 32  # image size changed: new statistics
     data3, tr3, va3 = run_vae.load_data(cfg)
-    resized = TinyFeatures()
+    resized = tiny_features()
     FIDScorer(cfg, data3, tr3, va3, torch.device("cpu"), resized)
     assert resized.calls == len(tr3)
     assert scorer.num_real == len(tr)
@@ -144,7 +124,7 @@ def test_generated_classes_follow_the_real_proportions(tmp_path):
     make_image_folder(tmp_path / "img", per_class=12, classes={"Red": (170, 20, 30)})
     cfg = fid_config(tmp_path, root, data={"val_fraction": 0.0})
     data, tr, va = run_vae.load_data(cfg)
-    scorer = FIDScorer(cfg, data, tr, va, torch.device("cpu"), TinyFeatures())
+    scorer = FIDScorer(cfg, data, tr, va, torch.device("cpu"), tiny_features())
     assert torch.bincount(scorer.class_labels(100)).tolist() == [20, 20, 60]
 
 
@@ -159,7 +139,7 @@ def test_best_checkpoint_is_written_only_when_fid_improves(tmp_path, image_folde
 
     def record(epoch, metrics, run_dir):
         seen.append((metrics["fid"], load_checkpoint(best_path)["epoch"], best_path.stat().st_mtime_ns))
-    train(cfg, report=record, fid_features=TinyFeatures())
+    train(cfg, report=record, fid_features=tiny_features())
     assert [epoch for _, epoch, _ in seen] == [1, 2, 2, 4]
     assert seen[2][2] == seen[1][2] != seen[3][2]  # epoch 3 did not touch the file
     best = load_checkpoint(best_path)
@@ -179,27 +159,27 @@ def test_best_checkpoint_is_written_only_when_fid_improves(tmp_path, image_folde
 def test_real_fid_scores_improve_as_a_model_trains(tmp_path, image_folder):
     cfg = fid_config(tmp_path, image_folder, train={"epochs": 4})
     fids = []
-    train(cfg, report=lambda e, m, d: fids.append(m["fid"]), fid_features=TinyFeatures())
+    train(cfg, report=lambda e, m, d: fids.append(m["fid"]), fid_features=tiny_features())
     assert len(fids) == 4 and fids[-1] < fids[0]
 
 
 def test_resume_keeps_the_best_fid_so_far(tmp_path, image_folder):
     cfg = fid_config(tmp_path, image_folder, train={"epochs": 3})
-    train(cfg, max_epochs=2, fid_features=TinyFeatures())
+    train(cfg, max_epochs=2, fid_features=tiny_features())
     best_before = load_checkpoint(tmp_path / "logs/tiny/last.pt")["best"]
-    summary = train(cfg, resume=True, fid_features=TinyFeatures())
+    summary = train(cfg, resume=True, fid_features=tiny_features())
     assert summary["best"]["value"] <= best_before["value"]
     assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["best"]["value"] == summary["best"]["value"]
 
 
 def test_test_mode_adds_fid_and_kid_to_metrics(tmp_path, image_folder):
     cfg = fid_config(tmp_path, image_folder, model={"conditional": True})
-    summary = train(cfg, fid_features=TinyFeatures())
+    summary = train(cfg, fid_features=tiny_features())
     test_cfg = run_vae.load_config(None, {
         "run": {"mode": "test"}, "data": {"root": str(image_folder), "cache_dir": cfg["data"]["cache_dir"]},
         "test": {"checkpoint": summary["best_checkpoint"], "out_dir": str(tmp_path / "out")},
         "fid": {"num_samples": 20, "batch_size": 10}})
-    metrics = run_vae.test(test_cfg, fid_features=TinyFeatures())
+    metrics = run_vae.test(test_cfg, fid_features=tiny_features())
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("fid", "kid", "kid_std", "fid_num_generated", "fid_num_real", "fid_extractor"):
         assert key in saved

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import yaml
 
 import run_vae
 import tune_vae
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, tiny_features
 from run_vae import ConfigError
 
 # before anything imports ray: a local Ray on loopback only, no usage stats
@@ -234,26 +233,6 @@ def test_sweep_survives_ctrl_c_and_a_failed_trial_then_ranks_trials_and_writes_t
     # the best config trains as it is with run_vae.py
     assert run_vae.main(["--config", str(best_yaml), "train.epochs=1"]) == 0
     assert (tmp_path / "best" / "best_tiny.pt").is_file() and (tmp_path / "best" / "tune_tiny.pt").is_file()
-
-
-def tiny_features():
-    """A fixed random conv net standing in for Inception, so a FID sweep runs in seconds. Defined inside a
-    function so that it is pickled by value: Ray's workers cannot import this test module."""
-
-    class TinyFeatures(nn.Module):
-        num_features = 16
-        name = "tune-test-random-conv"
-
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(7)
-            self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-        @torch.no_grad()
-        def forward(self, x):
-            return self.net(x.float() / 255)
-
-    return TinyFeatures()
 
 
 def test_fid_sweep_reports_the_metric_every_epoch_and_ranks_by_fid(local_ray, tmp_path):
