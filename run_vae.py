@@ -994,7 +994,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
                 scaler.scale(loss).backward()
                 if t["grad_clip"] > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -1012,6 +1012,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
                             f"loss became {values['loss']} at epoch {epoch + 1}, step {step}; stopped. {kept}"
                             f"Try a lower train.lr, train.grad_clip=1000, or train.precision=fp32.")
                     values.update(beta=beta, lr=scheduler.get_last_lr()[0])
+                    if t["grad_clip"] > 0:  # the norm before clipping: how often the clip bites
+                        values["grad_norm"] = grad_norm.item()
                     now = time.time()
                     values["images_per_s"] = t["log_every"] * bs / max(now - last_log, 1e-9)
                     last_log = now

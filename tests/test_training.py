@@ -189,3 +189,23 @@ def test_cli_trains_from_a_yaml_file(tmp_path, image_folder):
     assert r.returncode == 0, r.stderr
     assert "done: best val_neg_elbo" in r.stdout and (tmp_path / "best" / "cli.pt").is_file()
     assert load_checkpoint(tmp_path / "best" / "cli.pt")["config"]["model"]["latent_dim"] == 8
+
+
+def test_grad_clip_caps_every_update_and_logs_the_norm(cfg, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg["train"].update(grad_clip=0.5, log_every=1)
+    real_clip, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = real_clip(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        seen.append((float(before), float(after), max_norm))
+        return before
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    summary = train(cfg)
+    assert seen and all(m == 0.5 for _, _, m in seen)
+    assert all(before > 0.5 for before, _, _ in seen)  # the summed loss's gradients are far above 0.5
+    assert all(after == pytest.approx(0.5, rel=1e-3) for _, after, _ in seen)
+    logged = EventAccumulator(summary["run_dir"]).Reload().Scalars("train/grad_norm")
+    assert [e.value for e in logged] == pytest.approx([b for b, _, _ in seen], rel=1e-5)
