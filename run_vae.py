@@ -64,6 +64,7 @@ DEFAULTS = {
         "batch_size": 8,          # from the measurements in README "Results": at a fixed number of
         "lr": 1e-3,               # Adam; epochs, more and smaller steps beat fewer, larger ones
         "lr_schedule": "cosine",  # constant | cosine (per step, down to 0 at the last step)
+        "lr_warmup": 0.0,         # epochs of linear lr warm-up from 0 (fractions allowed); 0 = off
         "beta": 0.5,              # beta max: weight of the KL term (see README "Loss")
         "beta_warmup": 0,         # epochs of linear warm-up from 0 to beta; 0 = off (beta 0 lets the KL explode)
         "beta_cycle": 0,          # cyclic beta period in epochs (ramp over the first half); 0 = off
@@ -210,6 +211,8 @@ def check_config(cfg):
         raise ConfigError(f"data.image_size must be a positive multiple of 16 (64, 128, ...), got {size}")
     if not 0.0 <= cfg["data"]["val_fraction"] < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg['data']['val_fraction']}")
+    if cfg["train"]["lr_warmup"] < 0:
+        raise ConfigError(f"train.lr_warmup must be 0 (off) or a number of epochs, got {cfg['train']['lr_warmup']}")
     for section, key in [("train", "epochs"), ("train", "batch_size"), ("model", "latent_dim"),
                          ("train", "log_every"), ("fid", "batch_size")]:
         if cfg[section][key] < 1:
@@ -540,6 +543,16 @@ def vae_loss(x, x_hat, mu, logvar):
     recon = F.mse_loss(x_hat, x, reduction="none").flatten(1).sum(1).mean()
     kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(0)
     return recon, kl_per_dim.sum(), kl_per_dim
+
+
+def lr_factor_at(step, total_steps, schedule="constant", warmup_steps=0):
+    """Multiplier of train.lr for a global step: an optional linear warm-up times the schedule.
+    A warm-up keeps Adam's first, badly estimated steps small, which is what lets a higher lr through
+    the first epoch without the KL blowing up."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return warm
 
 
 def beta_at(step, steps_per_epoch, beta, warmup_epochs=0, cycle_epochs=0):
@@ -914,11 +927,9 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     model = model.to(memory_format=memory_format)
     # one fused kernel for the whole update instead of a dozen elementwise passes over the weights
     optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], fused=True)
-    if t["lr_schedule"] == "cosine":
-        lr_lambda = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    else:
-        lr_lambda = lambda s: 1.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    warmup_steps = round(t["lr_warmup"] * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor_at(s, total_steps, t["lr_schedule"], warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = None
     if t["ema"] > 0:

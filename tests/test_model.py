@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from run_vae import VAE, beta_at, vae_loss
+from run_vae import VAE, beta_at, lr_factor_at, vae_loss
 
 
 @pytest.mark.parametrize("size", [16, 64, 128])
@@ -77,6 +77,16 @@ def test_beta_cycle_ramps_over_first_half_then_holds_and_restarts():
     assert values == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0])
     # cyclic wins over warm-up when both are given
     assert beta_at(40, spe, 1.0, warmup_epochs=2, cycle_epochs=4) == 0.0
+
+
+def test_lr_warmup_ramps_linearly_then_hands_over_to_the_schedule():
+    assert [lr_factor_at(s, 100, "constant", warmup_steps=4) for s in (0, 1, 3, 4, 99)] == \
+        pytest.approx([0.25, 0.5, 1.0, 1.0, 1.0])
+    assert [lr_factor_at(s, 100, "constant") for s in (0, 50)] == [1.0, 1.0]
+    cosine = [lr_factor_at(s, 100, "cosine") for s in (0, 50, 100)]
+    assert cosine == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    # warm-up scales the cosine: step 1 of 4 warm-up steps at the cosine's value for step 1
+    assert lr_factor_at(1, 100, "cosine", 4) == pytest.approx(0.5 * lr_factor_at(1, 100, "cosine"))
 
 
 def test_evaluation_counts_collapsed_latent_dims(image_folder):

@@ -209,3 +209,17 @@ def test_grad_clip_caps_every_update_and_logs_the_norm(cfg, monkeypatch):
     assert all(after == pytest.approx(0.5, rel=1e-3) for _, after, _ in seen)
     logged = EventAccumulator(summary["run_dir"]).Reload().Scalars("train/grad_norm")
     assert [e.value for e in logged] == pytest.approx([b for b, _, _ in seen], rel=1e-5)
+
+
+def test_lr_warmup_shows_in_the_logged_lr_and_resumes_in_place(tmp_path, image_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    # 36 images, 20% held out, batch 8: 3 steps per epoch; warm-up over 2 epochs = 6 steps
+    keys = {"epochs": 3, "lr": 0.01, "lr_warmup": 2, "log_every": 1}
+    full = train(tiny_config(tmp_path, image_folder, run={"name": "full"}, train=keys))
+    lrs = [e.value for e in EventAccumulator(full["run_dir"]).Reload().Scalars("train/lr")]
+    # get_last_lr() after step s is the lr of step s + 1
+    assert lrs == pytest.approx([0.01 * min(1.0, (s + 1) / 6) for s in range(1, 10)])
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train=keys)
+    train(part, max_epochs=1)
+    train(part, resume=True)
+    assert_same_weights(weights(tmp_path / "logs/full/last.pt"), weights(tmp_path / "logs/part/last.pt"))
