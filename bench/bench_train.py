@@ -272,7 +272,7 @@ def bench(args):
                         "best_dir": str(workdir / "best")},
                 "data": {"root": str(data_root), "image_size": args.image_size, "cache_dir": str(workdir / "cache")},
                 "model": {"latent_dim": args.latent_dim},
-                "train": {"epochs": epochs, "batch_size": args.batch_size, "precision": precision},
+                "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": 1e-3, "precision": precision},
                 "fid": {"enabled": False}}
 
     cfg = run_vae.load_config(None, config("flops", "fp32", 0))
