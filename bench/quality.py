@@ -30,7 +30,7 @@ VARIANTS = {
     "default": [],
     "plain": ["train.batch_size=64", "train.lr=1e-3", "train.lr_schedule=constant", "train.beta=1.0",
               "train.beta_warmup=0", "train.beta_cycle=0", "train.ema=0.0", "data.hflip=false",
-              "train.precision=fp32"],
+              "train.grad_clip=0.0", "train.lr_warmup=0.0", "train.precision=fp32"],
 }
 
 
