@@ -548,8 +548,8 @@ def vae_loss(x, x_hat, mu, logvar):
 
 def lr_factor_at(step, total_steps, schedule="constant", warmup_steps=0):
     """Multiplier of train.lr for a global step: an optional linear warm-up times the schedule.
-    A warm-up keeps Adam's first, badly estimated steps small, which is what lets a higher lr through
-    the first epoch without the KL blowing up."""
+    A warm-up keeps Adam's first, badly estimated steps small, so a high lr no longer spikes the KL in
+    epoch 1; on the apples that bought likelihood but cost FID (README "Results"), hence off by default."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
