@@ -7,6 +7,7 @@ FID (and KID) of prior samples against a fixed, seeded set of real images with T
     python bench/quality.py --config config/train_impressionism.yaml --data ../shared/data/impressionism_sample
     python bench/quality.py train.beta=0.5 --json            # any run_vae override; last line is JSON
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 2000   # score a finished run
+    python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
 
 Data: ../shared/data/apples when present, else the generated demo fruit. Real statistics are cached
 under .cache/, so only the first run pays for them. The 90% train split is fixed by run.seed.
@@ -34,7 +35,8 @@ VARIANTS = {
 }
 
 
-def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None):
+def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
+            recon=False):
     overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
                  "data.val_fraction=0.1", "data.demo=false"] + overrides
@@ -58,6 +60,8 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     scorer = run_vae.FIDScorer(cfg, data, train_idx, val_idx, model.fc_mu.weight.device)
     scores = scorer.score(model, with_kid=True)
     fid_s = time.time() - t0
+    if recon:
+        scores["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"])
     out = Path(checkpoint).with_name("samples.png")
     images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(out)
@@ -65,7 +69,23 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
             "num_generated": num_samples, "num_real": scorer.num_real, "epochs": epochs,
             "train_s": round(train_s, 1), "fid_s": round(fid_s, 1),
             "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"),
-            "extractor": scorer.extractor_name, "samples": str(out)}
+            "extractor": scorer.extractor_name, "samples": str(out),
+            **({"recon_fid": scores["recon_fid"]} if recon else {})}
+
+
+@torch.no_grad()
+def reconstruction_fid(scorer, model, data, train_idx, n, seed):
+    """FID of the decoder's reconstructions (posterior means) of n seeded training images against the
+    same real statistics: what the decoder reaches when z comes from the encoder instead of the prior,
+    so the gap to the prior samples' FID is what the prior costs."""
+    pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:n]]
+    images, device, out = data.subset(pick), model.fc_mu.weight.device, []
+    for i in range(0, len(images), scorer.batch_size):
+        x = run_vae.to_float(images.images[i:i + scorer.batch_size]).to(device)
+        y = images.labels[i:i + scorer.batch_size].to(device) if model.num_classes else None
+        mu, _ = model.encode(x, y)
+        out.append(run_vae.to_uint8(model.decode(mu, y)).cpu())
+    return run_vae.fid_from_features(scorer.real_features, scorer.extract(torch.cat(out)))
 
 
 def main():
@@ -78,6 +98,8 @@ def main():
     p.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--out", default=str(REPO / "logs" / "quality"))
     p.add_argument("--checkpoint", default=None, help="score this finished run's checkpoint instead of training")
+    p.add_argument("--recon", action="store_true",
+                   help="also score reconstructions of --num-samples training images (the decoder without the prior)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
@@ -92,13 +114,15 @@ def main():
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         rows.append(measure(args.config, data_root, VARIANTS[variant] + args.overrides, args.epochs,
-                            args.num_samples, args.num_real, f"{variant}-{stamp}", args.out, args.checkpoint))
+                            args.num_samples, args.num_real, f"{variant}-{stamp}", args.out, args.checkpoint,
+                            args.recon))
         rows[-1]["variant"] = variant
     print(f"\ndata: {data_root}   config: {args.config}   overrides: {' '.join(args.overrides) or '-'}")
     print(f"{'variant':<10} {'FID':>8} {'KID':>9} {'N gen':>6} {'N real':>7} {'epochs':>6} {'train s':>8} {'FID s':>6}")
     for r in rows:
         print(f"{r['variant']:<10} {r['fid']:8.2f} {r['kid']:9.4f} {r['num_generated']:6d} {r['num_real']:7d} "
-              f"{r['epochs']:6d} {r['train_s']:8.1f} {r['fid_s']:6.1f}")
+              f"{r['epochs']:6d} {r['train_s']:8.1f} {r['fid_s']:6.1f}"
+              + (f"   reconstructions: FID {r['recon_fid']:.2f}" if "recon_fid" in r else ""))
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else {**rows[0], "variants": rows}))
 

@@ -30,11 +30,16 @@ def tiny_run(tmp_path):
 def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run):
     images, config, out = tiny_run
     row = quality.measure(str(config), str(images), [], epochs=2, num_samples=12, num_real=10,
-                          name="q", out_dir=str(out))
+                          name="q", out_dir=str(out), recon=True)
     assert row["epochs"] == 2 and row["num_generated"] == 12 and row["num_real"] == 10
     assert row["fid"] > 0 and row["extractor"].startswith("tf-inception")
     assert (out / "q" / "samples.png").is_file() and list((out.parent / "cache").glob("fid_real_*.pt"))
     # the same weights scored again from the checkpoint: same z, same real set, same FID
     again = quality.measure(str(config), str(images), [], epochs=99, num_samples=12, num_real=10,
-                            name="ignored", out_dir=str(out), checkpoint=str(out / "q" / "last.pt"))
+                            name="ignored", out_dir=str(out), checkpoint=str(out / "q" / "last.pt"), recon=True)
     assert again["epochs"] == 2 and again["fid"] == pytest.approx(row["fid"], rel=1e-6)
+    # reconstructions: a separate score of the same weights, as reproducible as the sample FID
+    assert row["recon_fid"] > 0 and row["recon_fid"] != pytest.approx(row["fid"], rel=1e-3)
+    assert again["recon_fid"] == pytest.approx(row["recon_fid"], rel=1e-6)
+    assert "recon_fid" not in quality.measure(str(config), str(images), [], epochs=1, num_samples=12,
+                                              num_real=10, name="q1", out_dir=str(out))
