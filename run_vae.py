@@ -517,6 +517,12 @@ class VAE(nn.Module):
         return self.decode(z, y), mu, logvar
 
     @torch.no_grad()
+    def reconstruct(self, x, y=None):
+        """Decode the posterior mean: what the model makes of x, without sampling noise."""
+        mu, _ = self.encode(x, y)
+        return self.decode(mu, y)
+
+    @torch.no_grad()
     def sample(self, n, y=None, temperature=1.0, generator=None):
         """Decode z ~ N(0, temperature^2 I); `y` are class indices for a CVAE."""
         device = next(self.parameters()).device
@@ -1088,8 +1094,7 @@ def log_grids(writer, wandb_run, model, classes, eval_set, cfg, epoch, device):
     model.eval()
     samples, nrow, _ = sample_grid(model, classes, 8, cfg["run"]["seed"])
     x = to_float(eval_set.images[:8]).to(device)
-    mu, _ = model.encode(x, eval_set.labels[:8].to(device))
-    recon = torch.cat([x, model.decode(mu, eval_set.labels[:8].to(device))])
+    recon = torch.cat([x, model.reconstruct(x, eval_set.labels[:8].to(device))])
     from torchvision.utils import make_grid
     writer.add_image("samples", make_grid(samples.float().cpu(), nrow=nrow), epoch)
     writer.add_image("reconstructions", make_grid(recon.float().cpu(), nrow=8), epoch)
@@ -1200,8 +1205,7 @@ def test(cfg, fid_features=None):
     make_grid_image(samples, nrow, labels).save(out_dir / "samples.png")
     k = min(tc["num_reconstructions"], len(val_set))
     x = to_float(val_set.images[:k]).to(device)
-    mu, _ = model.encode(x, val_set.labels[:k].to(device))
-    x_hat = model.decode(mu, val_set.labels[:k].to(device))
+    x_hat = model.reconstruct(x, val_set.labels[:k].to(device))
     pairs = torch.stack([x, x_hat], 1).flatten(0, 1)  # each real image followed by its reconstruction
     make_grid_image(pairs, 8 if k >= 4 else 2 * k).save(out_dir / "reconstructions.png")
     if cfg["fid"]["enabled"]:

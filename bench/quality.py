@@ -60,8 +60,7 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     scorer = run_vae.FIDScorer(cfg, data, train_idx, val_idx, model.fc_mu.weight.device)
     scores = scorer.score(model, with_kid=True)
     fid_s = time.time() - t0
-    if recon:
-        scores["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"])
+    recon_fid = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"]) if recon else None
     out = Path(checkpoint).with_name("samples.png")
     images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(out)
@@ -70,7 +69,7 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
             "train_s": round(train_s, 1), "fid_s": round(fid_s, 1),
             "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"),
             "extractor": scorer.extractor_name, "samples": str(out),
-            **({"recon_fid": scores["recon_fid"]} if recon else {})}
+            **({"recon_fid": recon_fid} if recon else {})}
 
 
 @torch.no_grad()
@@ -83,8 +82,7 @@ def reconstruction_fid(scorer, model, data, train_idx, n, seed):
     for i in range(0, len(images), scorer.batch_size):
         x = run_vae.to_float(images.images[i:i + scorer.batch_size]).to(device)
         y = images.labels[i:i + scorer.batch_size].to(device) if model.num_classes else None
-        mu, _ = model.encode(x, y)
-        out.append(run_vae.to_uint8(model.decode(mu, y)).cpu())
+        out.append(run_vae.to_uint8(model.reconstruct(x, y)).cpu())
     return run_vae.fid_from_features(scorer.real_features, scorer.extract(torch.cat(out)))
 
 

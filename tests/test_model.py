@@ -39,6 +39,16 @@ def test_conditional_model_takes_labels_at_both_ends():
     assert samples.shape == (3, 3, 32, 32)
 
 
+def test_reconstruct_decodes_the_posterior_mean_without_noise():
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=8, num_classes=2).eval()
+    x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 1])
+    mu, _ = model.encode(x, y)
+    assert torch.equal(model.reconstruct(x, y), model.decode(mu, y))
+    assert torch.equal(model.reconstruct(x, y), model.reconstruct(x, y))
+    assert not torch.allclose(model.reconstruct(x, y), model(x, y)[0])  # forward samples z, reconstruct does not
+
+
 def test_loss_is_summed_over_pixels_and_latents_and_averaged_over_batch():
     x, x_hat = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     mu, logvar = torch.ones(2, 5), torch.zeros(2, 5)
