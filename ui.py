@@ -120,6 +120,8 @@ def load_model(path, mtime):
     model = model_from_checkpoint(ckpt, pick_device("auto")).to(memory_format=torch.channels_last)
     meta = {k: ckpt[k] for k in ("config", "classes", "epoch", "step", "metrics")}
     meta["kind"] = ckpt.get("kind", "?")
+    meta["prior"] = (f"fitted to the training images' posteriors at epoch {ckpt['prior_epoch']}"
+                     if ckpt.get("prior_epoch") else "N(0, I)")
     return model, meta
 
 
@@ -147,14 +149,15 @@ def grid_columns(n):
     return max(1, math.ceil(math.sqrt(n)))
 
 
-def prior_z(n, latent_dim, seed, temperature=1.0):
-    """The same draws as VAE.sample and sample_grid make for this seed, so every view agrees on what seed s means."""
+def prior_noise(n, latent_dim, seed, temperature=1.0):
+    """The same draws as VAE.sample and sample_grid make for this seed, so every view agrees on what seed s
+    means. Standard normal noise: VAE.prior_z maps it into the model's prior."""
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
 
 
 @torch.no_grad()
 def prior_samples(model, classes, n, seed, temperature, class_index=None):
-    """n samples from N(0, temperature² I) -> (images, columns, row labels or None).
+    """n samples from the model's prior, its spread scaled by temperature -> (images, columns, row labels or None).
 
     For a CVAE, class_index None means one row per class with the same z in every row, so only the class
     changes down a column; otherwise all n are of that class.
@@ -173,6 +176,13 @@ def decode(model, z, class_weights=None):
     if class_weights is None:
         return model.decode(z)
     return model.decode(z, class_weights.float().to(device_of(model)))  # float rows: a blend of classes
+
+
+@torch.no_grad()
+def decode_noise(model, eps, class_weights=None):
+    """Decode prior noise: through the model's prior (per class, blended with the label), then the decoder."""
+    y = None if class_weights is None else class_weights.float().to(device_of(model))
+    return decode(model, model.prior_z(eps.to(device_of(model)), y), class_weights)
 
 
 def interpolate(a, b, steps, spherical=True):
@@ -305,7 +315,7 @@ def samples_section(model, meta):
         temperature = st.slider("Temperature (scale of z's std)", 0.0, 2.0, 1.0, 0.05, key="temperature")
     images, nrow, labels = prior_samples(model, classes, n, int(seed), temperature, class_index)
     what = "all classes" if class_index is None else classes[class_index]
-    st.caption(f"{len(images)} samples of z ~ N(0, {temperature:g}² I), seed {seed}"
+    st.caption(f"{len(images)} samples from the prior ({meta['prior']}), temperature {temperature:g}, seed {seed}"
                + (f", {what}" if model.num_classes else "") + ". The same seed always gives the same grid.")
     name = f"{run}_samples_seed{seed}_t{temperature:g}" + (f"_{what.replace(' ', '-')}" if model.num_classes else "")
     # kept so tests (and anyone scripting the app) can read exactly the pixels on screen
@@ -411,14 +421,14 @@ def interpolation_section(model, meta, folder):
         d = st.columns(2)
         with d[0]:
             temperature = st.slider("Temperature", 0.0, 2.0, 1.0, 0.05, key="interp_temperature")
-        z = interpolate(prior_z(1, model.latent_dim, seed_a, temperature)[0],
-                        prior_z(1, model.latent_dim, seed_b, temperature)[0], steps, spherical)
+        eps = interpolate(prior_noise(1, model.latent_dim, seed_a, temperature)[0],
+                          prior_noise(1, model.latent_dim, seed_b, temperature)[0], steps, spherical)
         if model.num_classes:
             with d[1]:
                 k = class_picker("Class", classes, "interp_class")
-            row = decode(model, z, one_hot[[k] * steps])
+            row = decode_noise(model, eps, one_hot[[k] * steps])
         else:
-            row = decode(model, z)
+            row = decode_noise(model, eps)
         caption = f"From the first sample of seed {seed_a} to the first sample of seed {seed_b}, {steps} steps."
         name = f"{run}_interp_seeds_{seed_a}_{seed_b}"
     else:
@@ -431,8 +441,8 @@ def interpolation_section(model, meta, folder):
             seed = int(st.number_input("Seed", 0, 2**31 - 1, 0, key="interp_seed"))
         with d[1]:
             temperature = st.slider("Temperature", 0.0, 2.0, 1.0, 0.05, key="interp_class_temperature")
-        z = prior_z(1, model.latent_dim, seed, temperature).repeat(steps, 1)
-        row = decode(model, z, interpolate(one_hot[ka], one_hot[kb], steps, spherical=False))
+        eps = prior_noise(1, model.latent_dim, seed, temperature).repeat(steps, 1)
+        row = decode_noise(model, eps, interpolate(one_hot[ka], one_hot[kb], steps, spherical=False))
         caption = f"One z (first sample of seed {seed}), class blended from {classes[ka]} to {classes[kb]}."
         name = f"{run}_interp_classes_{classes[ka]}_{classes[kb]}_seed{seed}"
     st.caption(caption)

@@ -8,6 +8,7 @@ FID (and KID) of prior samples against a fixed, seeded set of real images with T
     python bench/quality.py train.beta=0.5 --json            # any run_vae override; last line is JSON
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 2000   # score a finished run
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
+    python bench/quality.py --standard-prior                 # + the same noise through N(0, I), not the fitted prior
 
 Data: ../shared/data/apples when present, else the generated demo fruit. Real statistics are cached
 under .cache/, so only the first run pays for them. The 90% train split is fixed by run.seed.
@@ -36,7 +37,7 @@ VARIANTS = {
 
 
 def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
-            recon=False):
+            recon=False, standard_prior=False):
     overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
                  "data.val_fraction=0.1", "data.demo=false"] + overrides
@@ -61,6 +62,12 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     scores = scorer.score(model, with_kid=True)
     fid_s = time.time() - t0
     recon_fid = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"]) if recon else None
+    standard_fid = None
+    if standard_prior:  # the same noise decoded through N(0, I): what the fitted prior adds
+        fitted = model.prior_mean.clone(), model.prior_scale_tril.clone()
+        model.reset_prior()
+        standard_fid = scorer.score(model)["fid"]
+        model.set_prior(*fitted)
     out = Path(checkpoint).with_name("samples.png")
     images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(out)
@@ -69,7 +76,9 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
             "train_s": round(train_s, 1), "fid_s": round(fid_s, 1),
             "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"),
             "extractor": scorer.extractor_name, "samples": str(out),
-            **({"recon_fid": recon_fid} if recon else {})}
+            "prior": f"fitted at epoch {ckpt['prior_epoch']}" if ckpt.get("prior_epoch") else "N(0, I)",
+            **({"recon_fid": recon_fid} if recon else {}),
+            **({"standard_prior_fid": standard_fid} if standard_prior else {})}
 
 
 @torch.no_grad()
@@ -98,6 +107,8 @@ def main():
     p.add_argument("--checkpoint", default=None, help="score this finished run's checkpoint instead of training")
     p.add_argument("--recon", action="store_true",
                    help="also score reconstructions of --num-samples training images (the decoder without the prior)")
+    p.add_argument("--standard-prior", action="store_true",
+                   help="also score samples from N(0, I) instead of the model's fitted prior")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
@@ -113,14 +124,15 @@ def main():
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         rows.append(measure(args.config, data_root, VARIANTS[variant] + args.overrides, args.epochs,
                             args.num_samples, args.num_real, f"{variant}-{stamp}", args.out, args.checkpoint,
-                            args.recon))
+                            args.recon, args.standard_prior))
         rows[-1]["variant"] = variant
     print(f"\ndata: {data_root}   config: {args.config}   overrides: {' '.join(args.overrides) or '-'}")
     print(f"{'variant':<10} {'FID':>8} {'KID':>9} {'N gen':>6} {'N real':>7} {'epochs':>6} {'train s':>8} {'FID s':>6}")
     for r in rows:
         print(f"{r['variant']:<10} {r['fid']:8.2f} {r['kid']:9.4f} {r['num_generated']:6d} {r['num_real']:7d} "
               f"{r['epochs']:6d} {r['train_s']:8.1f} {r['fid_s']:6.1f}"
-              + (f"   reconstructions: FID {r['recon_fid']:.2f}" if "recon_fid" in r else ""))
+              + (f"   reconstructions: FID {r['recon_fid']:.2f}" if "recon_fid" in r else "")
+              + (f"   N(0, I) prior: FID {r['standard_prior_fid']:.2f}" if "standard_prior_fid" in r else ""))
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else {**rows[0], "variants": rows}))
 

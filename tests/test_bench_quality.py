@@ -30,8 +30,11 @@ def tiny_run(tmp_path):
 def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run):
     images, config, out = tiny_run
     row = quality.measure(str(config), str(images), [], epochs=2, num_samples=12, num_real=10,
-                          name="q", out_dir=str(out), recon=True)
+                          name="q", out_dir=str(out), recon=True, standard_prior=True)
     assert row["epochs"] == 2 and row["num_generated"] == 12 and row["num_real"] == 10
+    # samples come from the prior fitted at the end of training; N(0, I) is scored beside it on request
+    assert row["prior"] == "fitted at epoch 2"
+    assert row["standard_prior_fid"] > 0 and row["standard_prior_fid"] != pytest.approx(row["fid"], rel=1e-3)
     assert row["fid"] > 0 and row["extractor"].startswith("tf-inception")
     assert (out / "q" / "samples.png").is_file() and list((out.parent / "cache").glob("fid_real_*.pt"))
     # the same weights scored again from the checkpoint: same z, same real set, same FID

@@ -139,3 +139,53 @@ def test_batches_cover_the_set_once_and_land_on_the_requested_device():
     on_cpu = iterate_batches(10, 4, torch.Generator().manual_seed(1))
     on_meta = iterate_batches(10, 4, torch.Generator().manual_seed(1), device="meta")
     assert all(b.device.type == "meta" for b in on_meta) and [b.shape for b in on_meta] == [b.shape for b in on_cpu]
+
+
+def test_prior_is_standard_normal_until_fitted_then_maps_noise_per_class():
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=4, num_classes=2).eval()
+    eps, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
+    assert torch.equal(model.prior_z(eps, y), eps)  # N(0, I): the noise itself, bit for bit
+    mean = torch.tensor([[1.0, 2, 3, 4], [-1, -2, -3, -4]])
+    tril = torch.stack([torch.eye(4) * 2, torch.tril(torch.ones(4, 4))])
+    model.set_prior(mean, tril)
+    expected = torch.stack([mean[k] + tril[k] @ e for k, e in zip(y.tolist(), eps)])
+    assert torch.allclose(model.prior_z(eps, y), expected)
+    halfway = model.prior_z(eps[:1], torch.tensor([[0.5, 0.5]]))  # a blend of labels blends the Gaussians
+    assert torch.allclose(halfway, 0.5 * (expected[0] + mean[1] + tril[1] @ eps[0]))
+    model.reset_prior()
+    assert torch.equal(model.prior_z(eps, y), eps)
+    with pytest.raises(ValueError, match="labels"):
+        model.prior_z(eps)
+
+
+def test_fitted_prior_matches_the_moments_of_the_aggregate_posterior():
+    from run_vae import ImageSet, fit_prior
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=3, num_classes=3).eval()
+    images = (torch.rand(40, 3, 16, 16) * 255).to(torch.uint8)
+    labels = torch.tensor([0] * 25 + [1] * 15)  # class 2 has no images: it keeps N(0, I)
+    fit_prior(model, ImageSet(images, labels, ["a", "b", "c"], []), "cpu", batch_size=16)
+    mu, logvar = model.encode(images.float() / 255, labels)
+    for k, rows in ((0, slice(0, 25)), (1, slice(25, 40))):
+        m, v = mu[rows].double(), logvar[rows].double().exp()
+        cov = torch.cov(m.T, correction=0) + torch.diag(v.mean(0))  # the mixture of the posteriors' moments
+        assert torch.allclose(model.prior_mean[k].double(), m.mean(0), atol=1e-5)
+        tril = model.prior_scale_tril[k].double()
+        assert torch.allclose(tril @ tril.T, cov, atol=1e-4)
+    assert torch.equal(model.prior_mean[2], torch.zeros(3)) and torch.equal(model.prior_scale_tril[2], torch.eye(3))
+    # sampling follows the fit: many draws of class 0 have its mean and covariance
+    draws = model.prior_z(torch.randn(20000, 3), torch.zeros(20000, dtype=torch.long)).double()
+    assert torch.allclose(draws.mean(0), model.prior_mean[0].double(), atol=0.05 * draws.std(0).max())
+    t0 = model.prior_scale_tril[0].double()
+    assert torch.allclose(torch.cov(draws.T), t0 @ t0.T, rtol=0.1, atol=0.05 * (t0 @ t0.T).diag().max())
+
+
+def test_unconditional_prior_is_one_gaussian_over_all_images():
+    from run_vae import ImageSet, fit_prior
+    torch.manual_seed(1)
+    model = VAE(16, latent_dim=2).eval()
+    images = (torch.rand(30, 3, 16, 16) * 255).to(torch.uint8)
+    fit_prior(model, ImageSet(images, torch.tensor([0] * 10 + [1] * 20), ["a", "b"], []), "cpu")
+    mu, _ = model.encode(images.float() / 255)
+    assert model.prior_mean.shape == (1, 2) and torch.allclose(model.prior_mean[0], mu.mean(0), atol=1e-5)

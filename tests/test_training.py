@@ -223,3 +223,34 @@ def test_lr_warmup_shows_in_the_logged_lr_and_resumes_in_place(tmp_path, image_f
     train(part, max_epochs=1)
     train(part, resume=True)
     assert_same_weights(weights(tmp_path / "logs/full/last.pt"), weights(tmp_path / "logs/part/last.pt"))
+
+
+def test_checkpoints_carry_the_prior_fitted_to_their_own_weights(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 2})
+    summary = train(cfg)
+    last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    best = load_checkpoint(summary["best_checkpoint"])
+    assert last["prior_epoch"] == 2 and best["prior_epoch"] == best["epoch"]
+    model = run_vae.model_from_checkpoint(last)
+    saved = model.prior_mean.clone(), model.prior_scale_tril.clone()
+    assert not torch.equal(saved[1][0], torch.eye(8))  # no longer N(0, I)
+    data, train_idx, _ = run_vae.load_data(cfg)
+    run_vae.fit_prior(model, data.subset(train_idx), "cpu")  # refit from the saved weights: the same prior
+    assert torch.allclose(model.prior_mean, saved[0], atol=1e-5)
+    assert torch.allclose(model.prior_scale_tril, saved[1], atol=1e-5)
+    # test mode says which prior it sampled from
+    assert run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": str(tmp_path / "logs/tiny/last.pt"),
+                                          "out_dir": str(tmp_path / "t")}})["prior"] == "fitted at epoch 2"
+
+
+def test_standard_prior_and_checkpoints_from_before_the_fit_sample_from_n01(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, model={"prior": "standard"})
+    train(cfg)
+    ckpt = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert ckpt["prior_epoch"] == 0 and torch.equal(ckpt["model"]["prior_mean"], torch.zeros(1, 8))
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("prior_")}  # an older file
+    model = run_vae.model_from_checkpoint(ckpt)
+    eps = torch.randn(3, 8)
+    assert torch.equal(model.prior_z(eps), eps)
+    with pytest.raises(ConfigError, match="model.prior must be one of fitted, standard"):
+        tiny_config(tmp_path, image_folder, model={"prior": "learned"})

@@ -102,7 +102,7 @@ def test_temperature_zero_gives_the_decoded_mean_everywhere(runs, monkeypatch):
     at.slider(key="temperature").set_value(0.0).run()
     g = grid(at)
     tiles = [g[2 + r * 18: 18 + r * 18, 2 + c * 18: 18 + c * 18] for r in range(2) for c in range(2)]
-    assert all(np.array_equal(t, tiles[0]) for t in tiles)  # z = 0 for every sample
+    assert all(np.array_equal(t, tiles[0]) for t in tiles)  # every sample decodes the prior's mean
 
 
 def test_a_checkpoint_is_read_once_per_modification_time(runs, monkeypatch, tmp_path):
@@ -148,6 +148,13 @@ def test_blending_classes_matches_decoding_class_indices(runs):
     z, y = torch.randn(3, model.latent_dim), torch.tensor([0, 2, 1])
     with torch.no_grad():
         assert torch.allclose(ui.decode(model, z, torch.eye(3)[y]), model.decode(z, y))
+    # noise goes through the checkpoint's fitted prior, as in VAE.sample: a seed means the same image in every view
+    assert not torch.equal(model.prior_scale_tril[0], torch.eye(model.latent_dim))
+    eps = ui.prior_noise(1, model.latent_dim, seed=3)
+    with torch.no_grad():
+        sampled = model.sample(1, torch.tensor([2]), generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(ui.decode_noise(model, eps, torch.eye(3)[[2]]), sampled, atol=1e-6)
+        assert not torch.allclose(model.prior_z(eps, torch.tensor([2])), eps, atol=1e-3)
     a, b = torch.randn(8), torch.randn(8)
     for spherical in (True, False):
         path = ui.interpolate(a, b, 5, spherical)
