@@ -64,9 +64,10 @@ DEFAULTS = {
     "train": {
         "epochs": 20,
         "batch_size": 4,          # from the measurements in README "Results": at a fixed number of
-        "lr": 2e-3,               # Adam; epochs, more, smaller and bolder steps gave the best samples
+        "lr": 4e-3,               # Adam; epochs, more, smaller and bolder steps gave the best samples
         "lr_schedule": "cosine",  # constant | cosine (per step, down to 0 at the last step)
-        "lr_warmup": 0.0,         # epochs of linear lr warm-up from 0 (fractions allowed); 0 = off
+        "lr_warmup": 1.0,         # epochs of linear lr warm-up from 0 (fractions allowed); 0 = off. Tames
+                                  # the first Adam steps at lr 4e-3 (without it one Impressionism seed collapsed)
         "beta": 0.5,              # beta max: weight of the KL term (see README "Loss")
         "beta_warmup": 0,         # epochs of linear warm-up from 0 to beta; 0 = off (beta 0 lets the KL explode)
         "beta_cycle": 0,          # cyclic beta period in epochs (ramp over the first half); 0 = off

@@ -43,9 +43,9 @@ def tiny_config(tmp_path, data_root, **sections):
         "run": {"name": "tiny", "log_dir": str(tmp_path / "logs"), "best_dir": str(tmp_path / "best")},
         "data": {"root": str(data_root), "image_size": 16, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")},
         "model": {"latent_dim": 8},
-        # constant lr, no EMA or warm-up: a few steps must visibly change the model
+        # constant lr, no EMA or warm-ups: a few steps must visibly change the model
         "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "log_every": 2, "precision": "fp32",
-                  "lr_schedule": "constant", "ema": 0.0, "beta_warmup": 0},
+                  "lr_schedule": "constant", "lr_warmup": 0.0, "ema": 0.0, "beta_warmup": 0},
         "fid": {"enabled": False},
     }
     for section, values in sections.items():
