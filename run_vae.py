@@ -836,7 +836,7 @@ def load_fid_network(weights, device):
                           f"or set fid.enabled=false") from None
 
 @torch.no_grad()
-def fit_prior(model, data, device, batch_size=256):
+def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
     """Fit the sampling prior to the aggregate posterior of `data` (the training images): per class, a
     Gaussian with the mean of the posterior means and their covariance plus the mean posterior variance
     (the moments of the mixture of all q(z|x)). Training keeps the KL against N(0, I); only sampling moves.
@@ -852,7 +852,10 @@ def fit_prior(model, data, device, batch_size=256):
     for i in range(0, len(data), batch_size):
         x = to_float(data.images[i:i + batch_size]).to(device)
         y = data.labels[i:i + batch_size].to(device)
-        mu, logvar = model.encode(x, y if model.num_classes else None)  # float32: a covariance needs the digits
+        # under the run's autocast, like validation: bf16's rounding of mu is far below the sampling
+        # noise of a covariance estimated from a few thousand images
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            mu, logvar = model.encode(x, y if model.num_classes else None)
         mu, var = mu.double().cpu(), logvar.double().exp().cpu()
         group = data.labels[i:i + batch_size] if model.num_classes else torch.zeros(len(x), dtype=torch.long)
         for c in group.unique().tolist():
@@ -1127,7 +1130,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             # the fit costs an encoder pass over the training set, so it runs only where samples are
             # scored or saved for good; grids in between use the latest fit
             if cfg["model"]["prior"] == "fitted" and (fid_due or elbo_best_due or epoch == t["epochs"]):
-                fit_prior(sampling_model, train_set, device)
+                fit_prior(sampling_model, train_set, device, amp_dtype=amp_dtype)
                 if sampling_model is not model:  # EMA averages buffers too: keep both at the fit
                     model.set_prior(sampling_model.prior_mean, sampling_model.prior_scale_tril)
                 prior_epoch = epoch

@@ -189,3 +189,19 @@ def test_unconditional_prior_is_one_gaussian_over_all_images():
     fit_prior(model, ImageSet(images, torch.tensor([0] * 10 + [1] * 20), ["a", "b"], []), "cpu")
     mu, _ = model.encode(images.float() / 255)
     assert model.prior_mean.shape == (1, 2) and torch.allclose(model.prior_mean[0], mu.mean(0), atol=1e-5)
+
+
+def test_prior_fitted_under_bf16_autocast_matches_float32():
+    from run_vae import ImageSet, fit_prior
+    torch.manual_seed(2)
+    images = (torch.rand(64, 3, 16, 16) * 255).to(torch.uint8)
+    data = ImageSet(images, torch.tensor([0, 1] * 32), ["a", "b"], [])
+    exact = VAE(16, latent_dim=4, num_classes=2).eval()
+    rounded = VAE(16, latent_dim=4, num_classes=2).eval()
+    rounded.load_state_dict(exact.state_dict())
+    fit_prior(exact, data, "cpu")
+    fit_prior(rounded, data, "cpu", amp_dtype=torch.bfloat16)
+    spread = exact.prior_scale_tril.diagonal(dim1=1, dim2=2).mean()
+    assert torch.allclose(rounded.prior_mean, exact.prior_mean, atol=0.02 * spread)
+    assert torch.allclose(rounded.prior_scale_tril, exact.prior_scale_tril, atol=0.02 * spread)
+    assert not torch.equal(rounded.prior_mean, exact.prior_mean)  # autocast did run in bf16
