@@ -137,8 +137,8 @@ def child_trainer(job, started):
 
     run_vae.build_model, run_vae.vae_loss = instrumented_build_model, recording_loss
     run_vae.load_data = timed(run_vae.load_data, "load_data_s")
-    # the work train() does once per epoch besides stepping: validation, grids, checkpoints
-    for name in ("evaluate_elbo", "log_grids", "atomic_save"):
+    # the work train() does once per epoch besides stepping: validation, prior fit, grids, checkpoints
+    for name in ("evaluate_elbo", "fit_prior", "log_grids", "atomic_save"):
         setattr(run_vae, name, timed(getattr(run_vae, name), "epoch_end_s"))
     cfg = run_vae.load_config(None, job["config"])
     run_vae.train(cfg)
