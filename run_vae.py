@@ -1013,7 +1013,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     epoch_shuffle_state = shuffle.get_state()
     if resume:
         ckpt = load_checkpoint(paths.last)
-        if ckpt["config"]["model"] != cfg["model"] or ckpt["config"]["data"]["image_size"] != cfg["data"]["image_size"]:
+        saved = merge_config(DEFAULTS, ckpt["config"], str(paths.last))  # keys added since take their defaults
+        if saved["model"] != cfg["model"] or saved["data"]["image_size"] != cfg["data"]["image_size"]:
             raise ConfigError(f"{paths.last} was trained with a different model/image size; "
                               f"resume with the original config or start a new run.name")
         model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))

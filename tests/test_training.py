@@ -254,3 +254,16 @@ def test_standard_prior_and_checkpoints_from_before_the_fit_sample_from_n01(tmp_
     assert torch.equal(model.prior_z(eps), eps)
     with pytest.raises(ConfigError, match="model.prior must be one of fitted, standard"):
         tiny_config(tmp_path, image_folder, model={"prior": "learned"})
+
+
+def test_resume_accepts_a_checkpoint_saved_before_a_config_key_existed(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2})
+    train(cfg, max_epochs=1)
+    last = tmp_path / "logs/tiny/last.pt"
+    ckpt = load_checkpoint(last)
+    del ckpt["config"]["model"]["prior"]  # as written by the version before the fitted prior
+    torch.save(ckpt, last)
+    assert train(cfg, resume=True)["epoch"] == 2
+    changed = tiny_config(tmp_path, image_folder, train={"epochs": 2}, model={"latent_dim": 4})
+    with pytest.raises(ConfigError, match="different model"):
+        train(changed, resume=True)
