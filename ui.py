@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from run_vae import (DEFAULTS, CheckpointError, DataError, config_to_yaml, load_checkpoint,
-                     load_image_folder, make_grid_image, model_from_checkpoint, pick_device, sample_grid,
-                     split_train_val, to_float)
+                     load_image_folder, make_grid_image, model_from_checkpoint, pick_device, prior_description,
+                     sample_grid, split_train_val, to_float)
 
 TRAIN_COMMAND = "python run_vae.py --config config/train_demo.yaml"
 TYPED_PATH = "\0typed"  # picker entry for a path typed by hand; no real path contains a NUL
@@ -120,8 +120,7 @@ def load_model(path, mtime):
     model = model_from_checkpoint(ckpt, pick_device("auto")).to(memory_format=torch.channels_last)
     meta = {k: ckpt[k] for k in ("config", "classes", "epoch", "step", "metrics")}
     meta["kind"] = ckpt.get("kind", "?")
-    meta["prior"] = (f"fitted to the training images' posteriors at epoch {ckpt['prior_epoch']}"
-                     if ckpt.get("prior_epoch") else "N(0, I)")
+    meta["prior"] = prior_description(ckpt)
     return model, meta
 
 

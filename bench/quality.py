@@ -76,7 +76,7 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
             "train_s": round(train_s, 1), "fid_s": round(fid_s, 1),
             "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"),
             "extractor": scorer.extractor_name, "samples": str(out),
-            "prior": f"fitted at epoch {ckpt['prior_epoch']}" if ckpt.get("prior_epoch") else "N(0, I)",
+            "prior": run_vae.prior_description(ckpt),
             **({"recon_fid": recon_fid} if recon else {}),
             **({"standard_prior_fid": standard_fid} if standard_prior else {})}
 
