@@ -872,7 +872,6 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
         cov = sum_outer[c] / count[c] - torch.outer(mean[c], mean[c]) + torch.diag(sum_var[c] / count[c])
         scale_tril[c] = torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64))
     model.set_prior(mean.float(), scale_tril.float())
-    return mean, scale_tril
 
 # ----------------------------------------------------------------------------------------------------
 # training

@@ -158,7 +158,7 @@ def prior_noise(n, latent_dim, seed, temperature=1.0):
 def prior_samples(model, classes, n, seed, temperature, class_index=None):
     """n samples from the model's prior, its spread scaled by temperature -> (images, columns, row labels or None).
 
-    For a CVAE, class_index None means one row per class with the same z in every row, so only the class
+    For a CVAE, class_index None means one row per class with the same noise in every row, so only the class
     changes down a column; otherwise all n are of that class.
     """
     if model.num_classes and class_index is None:
