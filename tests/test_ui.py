@@ -97,6 +97,7 @@ def test_temperature_zero_gives_the_decoded_mean_everywhere(runs, monkeypatch):
     at = start_app(monkeypatch, runs / "best", runs / "logs", "--checkpoint", str(runs / "best/tiny_vae.pt"))
     assert_no_problems(at)
     assert "sample_class" not in [s.key for s in at.selectbox]  # unconditional: no class picker
+    assert any("samples from the prior (fitted at epoch" in c.value for c in at.caption)  # says which prior
     assert grid(at).shape == (8 * 18 + 2, 8 * 18 + 2, 3)  # 64 samples, 8x8
     at.slider(key="num_samples").set_value(4)
     at.slider(key="temperature").set_value(0.0).run()
