@@ -1111,6 +1111,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
                     break
             if stop["stop"]:
                 atomic_save(checkpoint_dict("last", metrics), paths.last)
+                refit_stale_prior(paths.best, train_set, device, amp_dtype)
                 writer.close()
                 raise StopRequested(f"stopped at epoch {epoch + 1} step {step}; "
                                     f"continue with --resume ({paths.last})")
@@ -1127,10 +1128,10 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             metrics.update(val_metrics)
             writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
             fid_due = fid is not None and (epoch % cfg["fid"]["every"] == 0 or epoch == t["epochs"])
-            elbo_best_due = fid is None and metrics.get("val_neg_elbo", math.inf) < best["value"]
-            # the fit costs an encoder pass over the training set, so it runs only where samples are
-            # scored or saved for good; grids in between use the latest fit
-            if cfg["model"]["prior"] == "fitted" and (fid_due or elbo_best_due or epoch == t["epochs"]):
+            # the fit costs an encoder pass over the training set (a sixth of an epoch's compute), so it
+            # runs only where samples are scored and at the end; grids in between use the latest fit. With
+            # FID off, best.pt (chosen by ELBO, which the prior does not enter) gets its fit at the end too.
+            if cfg["model"]["prior"] == "fitted" and (fid_due or epoch == t["epochs"]):
                 fit_prior(sampling_model, train_set, device, amp_dtype=amp_dtype)
                 if sampling_model is not model:  # EMA averages buffers too: keep both at the fit
                     model.set_prior(sampling_model.prior_mean, sampling_model.prior_scale_tril)
@@ -1146,6 +1147,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
                 atomic_save(checkpoint_dict("best", metrics), paths.best)
             metrics["best_" + key] = best["value"]
             atomic_save(checkpoint_dict("last", metrics), paths.last)
+            if epoch == t["epochs"]:
+                refit_stale_prior(paths.best, train_set, device, amp_dtype)
             for k, v in metrics.items():
                 writer.add_scalar(f"epoch/{k}", v, epoch)
             writer.flush()
@@ -1162,6 +1165,20 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     if wandb_run:
         finish_wandb(wandb_run, cfg, paths.best)
     return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": best, **metrics}
+
+
+def refit_stale_prior(path, train_set, device, amp_dtype):
+    """Give a best checkpoint whose weights are newer than its prior (saved by ELBO between fits) the
+    prior of its own weights, in place. Runs when training ends or is stopped, so it costs one fit."""
+    if not Path(path).is_file():
+        return
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["model"].get("prior") != "fitted" or ckpt["prior_epoch"] == ckpt["epoch"]:
+        return
+    model = model_from_checkpoint(ckpt, device)
+    fit_prior(model, train_set, device, amp_dtype=amp_dtype)
+    ckpt["model"], ckpt["prior_epoch"] = model.state_dict(), ckpt["epoch"]
+    atomic_save(ckpt, path)
 
 
 @torch.no_grad()
@@ -1243,7 +1260,11 @@ def with_prior_buffers(model, state, prefix=""):
 
 
 def prior_description(ckpt):
-    return f"fitted at epoch {ckpt['prior_epoch']}" if ckpt.get("prior_epoch") else "N(0, I)"
+    """Between fits a checkpoint's weights are newer than its prior (a stopped FID-off run, mid-run last.pt)."""
+    if not ckpt.get("prior_epoch"):
+        return "N(0, I)"
+    newer = f" (weights of epoch {ckpt['epoch']})" if ckpt["prior_epoch"] != ckpt.get("epoch") else ""
+    return f"fitted at epoch {ckpt['prior_epoch']}{newer}"
 
 
 def model_from_checkpoint(ckpt, device="cpu"):

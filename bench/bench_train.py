@@ -100,12 +100,13 @@ def peak_rss_mib(who=resource.RUSAGE_SELF):
 
 
 def child_trainer(job, started):
-    """One run_vae.train() call, instrumented from outside: time to first step, loop, epoch-end work."""
+    """One run_vae.train() call, instrumented from outside: time to first step, loop, epoch-end work, and
+    the prior fit, which with FID off runs once, after the last epoch (README "Prior")."""
     t_imported = time.time()
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    marks = {"first_step": None, "epoch_end_s": 0.0, "load_data_s": 0.0}
-    parts = {}
+    marks = {"first_step": None, "epoch_end_s": 0.0, "load_data_s": 0.0, "run_end_s": 0.0}
+    parts, calls = {}, {}
     losses = []
 
     def on_forward(module, args):
@@ -133,20 +134,24 @@ def child_trainer(job, started):
             finally:
                 marks[key] += time.perf_counter() - t
                 parts[fn.__name__] = parts.get(fn.__name__, 0.0) + time.perf_counter() - t
+                calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
         return wrapper
 
     run_vae.build_model, run_vae.vae_loss = instrumented_build_model, recording_loss
     run_vae.load_data = timed(run_vae.load_data, "load_data_s")
-    # the work train() does once per epoch besides stepping: validation, prior fit, grids, checkpoints
-    for name in ("evaluate_elbo", "fit_prior", "log_grids", "atomic_save"):
+    # the work train() does once per epoch besides stepping: validation, grids, checkpoints
+    for name in ("evaluate_elbo", "log_grids", "atomic_save"):
         setattr(run_vae, name, timed(getattr(run_vae, name), "epoch_end_s"))
+    run_vae.fit_prior = timed(run_vae.fit_prior, "run_end_s")
     cfg = run_vae.load_config(None, job["config"])
     run_vae.train(cfg)
     done = time.time()
     steps, bs = len(losses), cfg["train"]["batch_size"]
-    loop_s = done - marks["first_step"]
+    # like start-up, the prior fit is paid once a run, not once an epoch: reported on its own
+    loop_s = done - marks["first_step"] - marks["run_end_s"]
     return {"start_s": marks["first_step"] - started, "import_s": t_imported - started,
-            "load_data_s": marks["load_data_s"], "steps": steps, "loop_s": loop_s,
+            "load_data_s": marks["load_data_s"], "steps": steps, "loop_s": loop_s, "run_end_s": marks["run_end_s"],
+            "fits": calls.get("fit_prior", 0),
             "epoch_end_s": marks["epoch_end_s"], "epoch_end_parts": parts, "images_per_s": steps * bs / loop_s,
             "step_images_per_s": steps * bs / (loop_s - marks["epoch_end_s"]),
             "losses": torch.stack(losses).float().tolist(), "peak_rss_mib": peak_rss_mib()}
@@ -181,7 +186,7 @@ def child_baseline(job, started):
             optimizer.step()
             losses.append(loss.item())
     loop_s = time.time() - first
-    return {"start_s": first - started, "steps": len(losses), "loop_s": loop_s, "epoch_end_s": 0.0,
+    return {"start_s": first - started, "steps": len(losses), "loop_s": loop_s, "epoch_end_s": 0.0, "run_end_s": 0.0,
             "images_per_s": len(losses) * bs / loop_s, "step_images_per_s": len(losses) * bs / loop_s,
             "losses": losses, "peak_rss_mib": peak_rss_mib(),
             "workers_peak_rss_mib": peak_rss_mib(resource.RUSAGE_CHILDREN)}
@@ -337,8 +342,11 @@ def bench(args):
         "second_start_import_s": median([res[v]["import_s"] for res in rounds for v in res if "import_s" in res[v]]),
         "second_start_load_data_s": median([res[v]["load_data_s"] for res in rounds for v in res if "load_data_s" in res[v]]),
         "epoch_end_fraction": per_round(lambda res: res[auto]["epoch_end_s"] / res[auto]["loop_s"]),
-        "images_per_s_with_start": per_round(
-            lambda res: res[auto]["steps"] * args.batch_size / (res[auto]["loop_s"] + res[auto]["start_s"])),
+        "images_per_s_with_start": per_round(lambda res: res[auto]["steps"] * args.batch_size / (
+            res[auto]["loop_s"] + res[auto]["start_s"] + res[auto]["run_end_s"])),
+        "run_end_s": per_round(lambda res: res[auto]["run_end_s"]),
+        "run_end_s_fp32": per_round(lambda res: res["fp32"]["run_end_s"]),
+        "prior_fits_per_run": max(res[v]["fits"] for res in rounds for v in res if not v.startswith("baseline")),
         "epoch_end_s": per_round(lambda res: res[auto]["epoch_end_s"] / args.epochs),
         "cold_decode_s": cold_decode_s,
         "peak_rss_mib": max(res[v]["peak_rss_mib"] for res in rounds for v in res if not v.startswith("baseline")),
@@ -395,8 +403,10 @@ def report(args, f, half, auto, base):
         f"in the step loop) = {f[f'ceiling_fraction_{half}']:.0%} of the {half} ceiling, "
         f"{f[f'{half}_speedup']:.2f}x fp32",
         f"run_vae default     {f['images_per_s']:7.1f} img/s (precision auto -> {auto}); per-epoch validation, "
-        f"grids and checkpoints take {f['epoch_end_fraction']:.1%} of it; {f['images_per_s_with_start']:.1f} img/s "
-        f"counting start-up",
+        f"grids and checkpoints take {f['epoch_end_fraction']:.1%} of it",
+        f"  once a run: start-up {f['second_start_s']:.2f} s, prior fit after the last epoch {f['run_end_s']:.2f} s "
+        f"({f['run_end_s_fp32']:.2f} s in fp32; {f['prior_fits_per_run']} fit(s) a run); counting both, "
+        f"{f['images_per_s_with_start']:.1f} img/s for this {f['epochs']}-epoch run",
         f"  per epoch: {f['epoch_end_s']:.2f} s = "
         + ", ".join(f"{k} {v:.2f} s" for k, v in f["epoch_end_parts_s"].items()),
         f"plain baseline      {f['baseline_images_per_s']:7.1f} img/s ({base.replace('baseline_w', 'num_workers=')}) "

@@ -14,7 +14,7 @@ TINY = ["--image_size", "16", "--batch_size", "8", "--latent_dim", "8", "--round
 def test_bench_json_has_the_figures(tmp_path):
     images = make_image_folder(tmp_path / "images")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data", str(images),
-                          "--baseline_workers", "0", "--json", *TINY],
+                          "--baseline_workers", "0", "--epochs", "2", "--json", *TINY],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
@@ -22,6 +22,8 @@ def test_bench_json_has_the_figures(tmp_path):
                 "peak_rss_mib", "gflop_per_image", "loss_bf16_vs_fp32"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert figures["images"] == 36 and figures["auto_precision"] in ("fp32", "bf16")
+    # with FID off the prior is fitted once a run (after the last of its 2 epochs), timed apart from the loop
+    assert figures["prior_fits_per_run"] == 1 and figures["run_end_s"] > 0
     assert "end to end" in out.stderr  # the human-readable table goes to stderr under --json
 
 

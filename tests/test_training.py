@@ -91,6 +91,8 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, image_folder):
         train(part, report=interrupt_after_first_epoch)
     saved = load_checkpoint(tmp_path / "logs/part/last.pt")
     assert saved["epoch"] == 1 and saved["batch_in_epoch"] == 1  # stopped inside epoch 2
+    best = load_checkpoint(tmp_path / "best/part.pt")  # FID off: fitted on stopping, not every epoch
+    assert best["epoch"] == 1 and best["prior_epoch"] == 1
     train(part, resume=True)
     assert_same_weights(weights(tmp_path / "logs/full/last.pt"), weights(tmp_path / "logs/part/last.pt"))
 
@@ -241,6 +243,35 @@ def test_checkpoints_carry_the_prior_fitted_to_their_own_weights(tmp_path, image
     # test mode says which prior it sampled from
     assert run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": str(tmp_path / "logs/tiny/last.pt"),
                                           "out_dir": str(tmp_path / "t")}})["prior"] == "fitted at epoch 2"
+
+
+def test_without_fid_the_prior_is_fitted_once_at_the_end_and_best_gets_its_own(tmp_path, image_folder, monkeypatch):
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3})
+    fits, scripted_elbo = [], iter([30.0, 20.0, 25.0])  # epoch 2 is the best, 3 the last
+    fit_prior, evaluate_elbo = run_vae.fit_prior, run_vae.evaluate_elbo
+
+    def counting_fit(model, data, *a, **kw):
+        fits.append(len(data))
+        return fit_prior(model, data, *a, **kw)
+
+    def scripted(*a, **kw):
+        metrics, kl_dims = evaluate_elbo(*a, **kw)
+        return {**metrics, "val_neg_elbo": next(scripted_elbo)}, kl_dims
+    monkeypatch.setattr(run_vae, "fit_prior", counting_fit)
+    monkeypatch.setattr(run_vae, "evaluate_elbo", scripted)
+    summary = train(cfg)
+    assert len(fits) == 2  # the last epoch's weights, then best.pt's: not one fit per epoch
+    best, last = load_checkpoint(summary["best_checkpoint"]), load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert (best["epoch"], best["prior_epoch"], last["prior_epoch"]) == (2, 2, 3)
+    assert run_vae.prior_description(best) == "fitted at epoch 2"
+    model = run_vae.model_from_checkpoint(best)
+    saved = model.prior_mean.clone(), model.prior_scale_tril.clone()
+    data, train_idx, _ = run_vae.load_data(cfg)
+    fit_prior(model, data.subset(train_idx), "cpu")  # best.pt's prior is the fit of best.pt's weights
+    assert torch.allclose(model.prior_mean, saved[0], atol=1e-5)
+    assert torch.allclose(model.prior_scale_tril, saved[1], atol=1e-5)
+    assert not torch.allclose(saved[0], run_vae.model_from_checkpoint(last).prior_mean, atol=1e-3)
+    assert run_vae.prior_description({**best, "epoch": 3}) == "fitted at epoch 2 (weights of epoch 3)"
 
 
 def test_standard_prior_and_checkpoints_from_before_the_fit_sample_from_n01(tmp_path, image_folder):
