@@ -1128,7 +1128,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             metrics.update(val_metrics)
             writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
             fid_due = fid is not None and (epoch % cfg["fid"]["every"] == 0 or epoch == t["epochs"])
-            # the fit costs an encoder pass over the training set (a sixth of an epoch's compute), so it
+            # the fit costs an encoder pass over the training set (a ninth of an epoch's time), so it
             # runs only where samples are scored and at the end; grids in between use the latest fit. With
             # FID off, best.pt (chosen by ELBO, which the prior does not enter) gets its fit at the end too.
             if cfg["model"]["prior"] == "fitted" and (fid_due or epoch == t["epochs"]):
