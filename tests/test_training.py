@@ -173,6 +173,28 @@ def test_precision_choices(monkeypatch):
     assert run_vae.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_gpu_choices_without_a_gpu(monkeypatch):
+    cuda = torch.device("cuda")  # a device object needs no GPU; pick_precision only asks what it supports
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
+    assert run_vae.pick_precision("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)  # pre-Ampere: fp16 + scaler
+    assert run_vae.pick_precision("auto", cuda) is torch.float16
+    assert run_vae.pick_precision("fp16", cuda) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_vae.pick_device("auto") == cuda
+
+
+def test_fp16_path_with_its_grad_scaler_trains(cfg, monkeypatch):
+    # what an older GPU runs; CPU autocast and GradScaler take float16 too, so the code path runs here
+    monkeypatch.setattr(run_vae, "pick_precision", lambda name, device: torch.float16)
+    cfg["train"]["epochs"] = 3
+    losses = []
+    summary = train(cfg, report=lambda e, m, d: losses.append(m["loss"]))
+    assert losses[-1] < losses[0]
+    scaler = load_checkpoint(summary["run_dir"] + "/last.pt")["scaler"]
+    assert scaler["scale"] < 2.0 ** 16  # enabled (a disabled scaler saves {}), and it skipped overflowing steps
+
+
 def test_bf16_training_runs_and_lowers_the_loss(cfg):
     cfg["train"].update(precision="bf16", epochs=3)
     losses = []
