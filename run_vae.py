@@ -1167,13 +1167,18 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": best, **metrics}
 
 
-def refit_stale_prior(path, train_set, device, amp_dtype):
-    """Give a best checkpoint whose weights are newer than its prior (saved by ELBO between fits) the
-    prior of its own weights, in place. Runs when training ends or is stopped, so it costs one fit."""
+def prior_is_stale(ckpt):
+    """Weights newer than the fitted prior they carry: a best checkpoint chosen by ELBO between fits."""
+    return ckpt["config"]["model"].get("prior") == "fitted" and ckpt.get("prior_epoch", 0) != ckpt["epoch"]
+
+
+def refit_stale_prior(path, train_set, device="cpu", amp_dtype=None):
+    """Give a checkpoint whose weights are newer than its prior the prior of its own weights, in place.
+    train() runs it on best.pt when training ends or is stopped, so it costs one fit a run."""
     if not Path(path).is_file():
         return
     ckpt = load_checkpoint(path)
-    if ckpt["config"]["model"].get("prior") != "fitted" or ckpt["prior_epoch"] == ckpt["epoch"]:
+    if not prior_is_stale(ckpt):
         return
     model = model_from_checkpoint(ckpt, device)
     fit_prior(model, train_set, device, amp_dtype=amp_dtype)

@@ -565,6 +565,10 @@ def save_best(rows, sweep):
     tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
     shutil.copy2(run_vae.Checkpointing(trial_cfg).best, tmp)
     os.replace(tmp, checkpoint)
+    if run_vae.prior_is_stale(run_vae.load_checkpoint(checkpoint)):
+        # a trial stopped early (ASHA) with FID off never reached train()'s final fit of best.pt
+        data, train_idx, _ = run_vae.load_data(trial_cfg)
+        run_vae.refit_stale_prior(checkpoint, data.subset(train_idx))
 
     cfg = copy.deepcopy(trial_cfg)
     # a fresh run under the base config's folders; its own best checkpoint never overwrites the sweep's copy

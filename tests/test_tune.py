@@ -143,6 +143,18 @@ def local_ray():
         ray.shutdown()
 
 
+def test_best_trial_stopped_early_gets_the_prior_of_its_own_weights(tmp_path, image_folder):
+    sweep = tune_vae.load_sweep(write_sweep(tmp_path, image_folder))
+    trial_dir = Path(sweep["experiment_dir"]) / "trial_x"
+    cfg = tune_vae.trial_config(sweep["base"], GOOD, trial_dir, "x")
+    run_vae.train(cfg, max_epochs=1)  # as if ASHA stopped it after epoch 1 of 2: FID off, so no fit yet
+    assert run_vae.load_checkpoint(run_vae.Checkpointing(cfg).best)["prior_epoch"] == 0
+    row = {"status": "terminated", "val_neg_elbo": 400.0, "trial": "x", "path": str(trial_dir), "epochs": 1, **GOOD}
+    copied = run_vae.load_checkpoint(tune_vae.save_best([row], sweep)["checkpoint"])
+    assert copied["epoch"] == 1 and copied["prior_epoch"] == 1
+    assert not torch.equal(copied["model"]["prior_scale_tril"][0], torch.eye(8))
+
+
 def test_local_ray_listens_on_loopback_and_skips_the_cloud_metadata_probe(local_ray):
     assert local_ray.util.get_node_ip_address() == "127.0.0.1"
     assert os.environ["HOME"] == os.path.expanduser("~") and "tune_vae_ray_home" not in os.environ["HOME"]
