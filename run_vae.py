@@ -1111,7 +1111,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
                     break
             if stop["stop"]:
                 atomic_save(checkpoint_dict("last", metrics), paths.last)
-                refit_stale_prior(paths.best, train_set, device, amp_dtype)
+                refit_stale_prior(paths.best, lambda: train_set, device, amp_dtype)
                 writer.close()
                 raise StopRequested(f"stopped at epoch {epoch + 1} step {step}; "
                                     f"continue with --resume ({paths.last})")
@@ -1148,7 +1148,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             metrics["best_" + key] = best["value"]
             atomic_save(checkpoint_dict("last", metrics), paths.last)
             if epoch == t["epochs"]:
-                refit_stale_prior(paths.best, train_set, device, amp_dtype)
+                refit_stale_prior(paths.best, lambda: train_set, device, amp_dtype)
             for k, v in metrics.items():
                 writer.add_scalar(f"epoch/{k}", v, epoch)
             writer.flush()
@@ -1167,21 +1167,17 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": best, **metrics}
 
 
-def prior_is_stale(ckpt):
-    """Weights newer than the fitted prior they carry: a best checkpoint chosen by ELBO between fits."""
-    return ckpt["config"]["model"].get("prior") == "fitted" and ckpt.get("prior_epoch", 0) != ckpt["epoch"]
-
-
-def refit_stale_prior(path, train_set, device="cpu", amp_dtype=None):
-    """Give a checkpoint whose weights are newer than its prior the prior of its own weights, in place.
-    train() runs it on best.pt when training ends or is stopped, so it costs one fit a run."""
+def refit_stale_prior(path, get_train_set, device="cpu", amp_dtype=None):
+    """Give a checkpoint whose weights are newer than its fitted prior (a best checkpoint chosen by ELBO
+    between fits) the prior of its own weights, in place. train() runs it on best.pt when training ends or
+    is stopped, so it costs one fit a run. get_train_set() is called only when a fit is needed."""
     if not Path(path).is_file():
         return
     ckpt = load_checkpoint(path)
-    if not prior_is_stale(ckpt):
+    if ckpt["config"]["model"].get("prior") != "fitted" or ckpt.get("prior_epoch", 0) == ckpt["epoch"]:
         return
     model = model_from_checkpoint(ckpt, device)
-    fit_prior(model, train_set, device, amp_dtype=amp_dtype)
+    fit_prior(model, get_train_set(), device, amp_dtype=amp_dtype)
     ckpt["model"], ckpt["prior_epoch"] = model.state_dict(), ckpt["epoch"]
     atomic_save(ckpt, path)
 
@@ -1265,7 +1261,8 @@ def with_prior_buffers(model, state, prefix=""):
 
 
 def prior_description(ckpt):
-    """Between fits a checkpoint's weights are newer than its prior (a stopped FID-off run, mid-run last.pt)."""
+    """Between fits a checkpoint's weights are newer than its prior: a mid-run last.pt, or the best.pt of
+    an FID-off run killed before its end."""
     if not ckpt.get("prior_epoch"):
         return "N(0, I)"
     newer = f" (weights of epoch {ckpt['epoch']})" if ckpt["prior_epoch"] != ckpt.get("epoch") else ""

@@ -551,6 +551,11 @@ def relative_path(path):
         return str(path)
 
 
+def trial_train_set(cfg):
+    data, train_idx, _ = run_vae.load_data(cfg)
+    return data.subset(train_idx)
+
+
 def save_best(rows, sweep):
     """best_<name>.yaml trains the best trial's config with run_vae.py; its checkpoint goes to best_models/."""
     metric = sweep["tune"]["metric"]
@@ -565,10 +570,8 @@ def save_best(rows, sweep):
     tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
     shutil.copy2(run_vae.Checkpointing(trial_cfg).best, tmp)
     os.replace(tmp, checkpoint)
-    if run_vae.prior_is_stale(run_vae.load_checkpoint(checkpoint)):
-        # a trial stopped early (ASHA) with FID off never reached train()'s final fit of best.pt
-        data, train_idx, _ = run_vae.load_data(trial_cfg)
-        run_vae.refit_stale_prior(checkpoint, data.subset(train_idx))
+    # a trial stopped early (ASHA) with FID off never reached train()'s final fit of best.pt
+    run_vae.refit_stale_prior(checkpoint, lambda: trial_train_set(trial_cfg))
 
     cfg = copy.deepcopy(trial_cfg)
     # a fresh run under the base config's folders; its own best checkpoint never overwrites the sweep's copy
