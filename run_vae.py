@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -168,7 +169,12 @@ def parse_overrides(pairs):
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override '{pair}' must look like section.key=value (e.g. train.epochs=3)")
-        updates.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{pair}': {raw!r} is not a valid value (quote text, e.g. "
+                              f"{key}='\"{raw}\"')") from None
+        updates.setdefault(section, {})[name] = value
     return updates
 
 
@@ -203,25 +209,63 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
+# The accepted values of every numeric setting: (low, high, whether low itself is allowed); high is
+# always excluded, None = no bound. Checked before anything is written, so a typo costs no epoch.
+RANGES = {
+    "run.seed": (0, None, True),
+    "data.image_size": (16, None, True),
+    "data.val_fraction": (0.0, 1.0, True),
+    "model.latent_dim": (1, None, True),
+    "train.epochs": (1, None, True),
+    "train.batch_size": (1, None, True),
+    "train.lr": (0.0, None, False),
+    "train.lr_warmup": (0.0, None, True),
+    "train.beta": (0.0, None, True),
+    "train.beta_warmup": (0, None, True),
+    "train.beta_cycle": (0, None, True),
+    "train.ema": (0.0, 1.0, True),
+    "train.grad_clip": (0.0, None, True),
+    "train.log_every": (1, None, True),
+    "train.sample_every": (1, None, True),
+    "fid.every": (0, None, True),
+    "fid.num_samples": (0, None, True),
+    "fid.batch_size": (1, None, True),
+    "fid.real_max": (2, None, True),
+    "test.samples_per_class": (1, None, True),
+    "test.num_reconstructions": (1, None, True),
+    "test.temperature": (0.0, None, False),
+}
+CHOICES = {
+    "run.mode": ("train", "test"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "fid.real_split": ("train", "val"),
+    "model.prior": ("fitted", "standard"),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+def describe_range(low, high, low_allowed):
+    if high is None:
+        return f"{'at least' if low_allowed else 'greater than'} {low}"
+    return f"in {'[' if low_allowed else '('}{low}, {high})"
+
+
 def check_config(cfg):
-    choices = {("run", "mode"): ("train", "test"), ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
-               ("train", "lr_schedule"): ("constant", "cosine"), ("fid", "real_split"): ("train", "val"),
-               ("model", "prior"): ("fitted", "standard"),
-               ("wandb", "mode"): ("online", "offline", "disabled")}
-    for (section, key), allowed in choices.items():
-        if cfg[section][key] not in allowed:
-            raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}")
-    size = cfg["data"]["image_size"]
-    if size < 16 or size % 16:
-        raise ConfigError(f"data.image_size must be a positive multiple of 16 (64, 128, ...), got {size}")
-    if not 0.0 <= cfg["data"]["val_fraction"] < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg['data']['val_fraction']}")
-    if cfg["train"]["lr_warmup"] < 0:
-        raise ConfigError(f"train.lr_warmup must be 0 (off) or a number of epochs, got {cfg['train']['lr_warmup']}")
-    for section, key in [("train", "epochs"), ("train", "batch_size"), ("model", "latent_dim"),
-                         ("train", "log_every"), ("fid", "batch_size")]:
-        if cfg[section][key] < 1:
-            raise ConfigError(f"{section}.{key} must be at least 1, got {cfg[section][key]}")
+    """Every choice and numeric range; the message names the key and what it accepts."""
+    def value(dotted):
+        section, key = dotted.split(".")
+        return cfg[section][key]
+    for key, allowed in CHOICES.items():
+        if value(key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value(key)!r}")
+    for key, (low, high, low_allowed) in RANGES.items():
+        v = value(key)
+        inside = (v >= low if low_allowed else v > low) and (high is None or v < high)
+        if not inside or (isinstance(v, float) and not math.isfinite(v)):
+            raise ConfigError(f"{key} must be {describe_range(low, high, low_allowed)}, got {v}")
+    if cfg["data"]["image_size"] % 16:
+        raise ConfigError(f"data.image_size must be a multiple of 16 (64, 128, ...), got {cfg['data']['image_size']}")
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
         raise ConfigError(f"run.name must be a plain folder name, got {cfg['run']['name']!r}")
 
@@ -290,6 +334,9 @@ class DataError(ValueError):
 def list_image_folder(root):
     """Sorted class names and [(relative path, class index)] of a class-per-folder image tree."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"data.root '{root}' is a file; give the folder that holds one sub-folder per class. "
+                        f"{DATA_HELP}")
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist. {DATA_HELP}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -305,10 +352,26 @@ def list_image_folder(root):
     return [d.name for d in class_dirs], files
 
 
+def to_8bit(im):
+    """High-bit-depth single-channel images (16-bit PNG: mode I;16 or I, float: F) scaled to 8 bits.
+    PIL's convert("RGB") would clip them at 255 instead, turning almost every pixel white."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    top = a.max(initial=0.0)
+    if im.mode == "F" and top <= 1.0:
+        scale = 255.0  # float images in [0, 1]
+    elif im.mode.startswith("I;16") or 255.0 < top <= 65535.0:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0 if top <= 255.0 else 255.0 / top
+    return Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(path, size):
     """Any size/mode -> RGB, shorter side resized to `size` and centre-cropped; uint8 (3, size, size)."""
     with Image.open(path) as im:
-        im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+        im = ImageOps.fit(to_8bit(im).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
@@ -347,7 +410,8 @@ def atomic_save(obj, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failed write's own error is the one worth reporting
+            tmp.unlink(missing_ok=True)
 
 
 def load_image_folder(root, size, cache_dir=None):
@@ -580,8 +644,8 @@ def vae_loss(x, x_hat, mu, logvar):
 
 def lr_factor_at(step, total_steps, schedule="constant", warmup_steps=0):
     """Multiplier of train.lr for a global step: an optional linear warm-up times the schedule.
-    A warm-up keeps Adam's first, badly estimated steps small, so a high lr no longer spikes the KL in
-    epoch 1; on the apples that bought likelihood but cost FID (README "Results"), hence off by default."""
+    A warm-up keeps Adam's first, badly estimated steps small, so a high lr does not spike the KL or
+    collapse the posterior in epoch 1."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -782,7 +846,9 @@ class InceptionFeatures(nn.Module):
     def __init__(self, path, device):
         super().__init__()
         path = Path(path)
-        self.net = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # TorchScript is how the FID network ships; nothing to act on
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
+            self.net = torch.jit.load(str(path), map_location=device).eval()
         self.name = f"tf-inception-2015-12-05:{path.name}:{path.stat().st_size}"
         self.resize = {}
 
@@ -874,6 +940,116 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
     model.set_prior(mean.float(), scale_tril.float())
 
 # ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or not ours; printed without a traceback."""
+
+
+class Checkpointing:
+    """Where a run keeps its files, and the two checkpoint kinds: last.pt (to resume) and the best model."""
+
+    FORMAT = "run_vae/1"
+
+    def __init__(self, cfg):
+        self.run_dir = Path(cfg["run"]["log_dir"]) / cfg["run"]["name"]
+        self.last = self.run_dir / "last.pt"
+        self.best = Path(cfg["run"]["best_dir"]) / f"{cfg['run']['name']}.pt"
+
+
+def checkpoint_dict(run, kind, metrics):
+    """The checkpoint format. Both kinds hold the sampling weights (EMA when on), the config that rebuilds
+    the model and the metrics; last.pt adds everything --resume needs to continue bit for bit. Only
+    tensors and plain Python values, so load_checkpoint can refuse anything else."""
+    ck = {"format": Checkpointing.FORMAT, "kind": kind, "model": run.sampling_model.state_dict(),
+          "config": run.cfg, "classes": list(run.data.classes), "epoch": run.epoch, "step": run.step,
+          "metrics": {k: float(v) for k, v in metrics.items()},
+          "fid_extractor": run.fid.extractor_name if run.fid is not None else "", "prior_epoch": run.prior_epoch}
+    if kind == "last":
+        ck.update(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                  scaler=run.scaler.state_dict(), best=run.best, batch_in_epoch=run.batch_in_epoch,
+                  epoch_sums=run.epoch_sums.cpu(), shuffle_state=run.epoch_shuffle_state, rng=rng_state())
+        if run.ema is not None:
+            ck.update(raw_model=run.model.state_dict(), ema=run.ema.state_dict())
+    return ck
+
+
+CHECKPOINT_KEYS = ("model", "config", "classes", "epoch")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a run_vae checkpoint safely: weights_only=True, so a file can never run code."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (e.g. {path / 'last.pt'})")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist. Train one first: "
+                              f"python run_vae.py --config config/train_demo.yaml")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (or a truncated copy of one)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text goes on to suggest turning the safety off: never pass that on
+        raise CheckpointError(f"{path} was refused: it holds Python objects that would run code when loaded, "
+                              f"not just tensors and numbers. run_vae.py only reads plain-data checkpoints; "
+                              f"use a checkpoint written by run_vae.py from a source you trust.") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != Checkpointing.FORMAT:
+        raise CheckpointError(f"{path} is not a run_vae.py checkpoint (no '{Checkpointing.FORMAT}' format tag)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete run_vae.py checkpoint (no {', '.join(missing)}); "
+                              f"it cannot rebuild its model")
+    return ckpt
+
+
+def with_prior_buffers(model, state, prefix=""):
+    """Checkpoints from before the fitted prior lack its buffers: fill them in from `model` (N(0, I))."""
+    return {prefix + k: v for k, v in model.state_dict().items() if k.startswith("prior_")} | state
+
+
+def prior_description(ckpt):
+    """Between fits a checkpoint's weights are newer than its prior: a mid-run last.pt, or the best.pt of
+    an FID-off run killed before its end."""
+    if not ckpt.get("prior_epoch"):
+        return "N(0, I)"
+    newer = f" (weights of epoch {ckpt['epoch']})" if ckpt["prior_epoch"] != ckpt.get("epoch") else ""
+    return f"fitted at epoch {ckpt['prior_epoch']}{newer}"
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild the model from the config stored in the checkpoint, in eval mode."""
+    cfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
+    model = build_model(cfg, len(ckpt["classes"]))
+    try:
+        model.load_state_dict(with_prior_buffers(model, ckpt["model"]))
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match the model its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def refit_stale_prior(path, get_train_set, device="cpu", amp_dtype=None):
+    """Give a checkpoint whose weights are newer than its fitted prior (a best checkpoint chosen by ELBO
+    between fits) the prior of its own weights, in place. train() runs it on best.pt when training ends or
+    is stopped, so it costs one fit a run. get_train_set() is called only when a fit is needed.
+    Returns whether it refitted."""
+    if not Path(path).is_file():
+        return False
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["model"].get("prior") != "fitted" or ckpt.get("prior_epoch", 0) == ckpt["epoch"]:
+        return False
+    model = model_from_checkpoint(ckpt, device)
+    fit_prior(model, get_train_set(), device, amp_dtype=amp_dtype)
+    ckpt["model"], ckpt["prior_epoch"] = model.state_dict(), ckpt["epoch"]
+    atomic_save(ckpt, path)
+    return True
+
+# ----------------------------------------------------------------------------------------------------
 # training
 
 
@@ -922,264 +1098,385 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_grid_image(images, nrow, labels=None, pad=2):
-    """uint8-ready PIL grid of float images in [0,1]; optional text label at the start of each row."""
-    from torchvision.utils import make_grid
-    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=pad, pad_value=1.0)
-    im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    if not labels:
-        return im
-    margin = 8 + 7 * max(len(s) for s in labels)
-    out = Image.new("RGB", (im.width + margin, im.height), "white")
-    out.paste(im, (margin, 0))
-    draw, row_h = ImageDraw.Draw(out), images.shape[-2] + pad
-    for r, text in enumerate(labels):
-        draw.text((4, pad + r * row_h + images.shape[-2] // 2 - 6), text, fill="black")
-    return out
+def prepare_run_folder(paths, resume):
+    """A run folder with last.pt is continued only with --resume; one without (a run that never finished
+    an epoch) is simply reused, so the advice printed after a failed first epoch works as printed."""
+    has_checkpoint = paths.last.is_file()
+    if resume and not has_checkpoint:
+        raise ConfigError(f"--resume: {paths.run_dir} holds no checkpoint (no epoch of that run finished). "
+                          f"Start it again without --resume; the folder is reused.")
+    if not resume and has_checkpoint:
+        raise ConfigError(f"run folder {paths.run_dir} already holds a checkpoint. Continue it with --resume, "
+                          f"or start a new run with run.name=<new name>.")
+    if not resume and paths.run_dir.is_dir() and any(paths.run_dir.iterdir()):
+        print(f"note: {paths.run_dir} holds no checkpoint (an earlier start that never finished an epoch); "
+              f"reusing it")
+        for old in paths.run_dir.glob("events.out.tfevents.*"):  # one run's curves per folder
+            old.unlink()
 
 
-def sample_grid(model, classes, per_class, seed, temperature=1.0):
-    """Prior samples; for a CVAE one row per class (the same noise across rows, so only the class changes)."""
-    g = torch.Generator().manual_seed(seed)
-    if model.num_classes:
-        eps = torch.randn(per_class, model.latent_dim, generator=g)
-        eps = eps.repeat(model.num_classes, 1) * temperature
-        device = next(model.parameters()).device
-        y = torch.arange(model.num_classes).repeat_interleave(per_class).to(device)
-        return model.decode(model.prior_z(eps.to(device), y), y), per_class, list(classes)
-    n = per_class * max(1, len(classes))
-    return model.sample(n, temperature=temperature, generator=g), per_class, None
+def check_writable(*folders):
+    """Fail before the first epoch, not after it, when an output folder cannot be written."""
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to {folder} ({e.strerror or e}). Point the setting that names it "
+                              f"(run.log_dir, run.best_dir or data.cache_dir) at a writable folder.") from None
 
 
-class Checkpointing:
-    """Where a run keeps its files, and the two checkpoint kinds: last.pt (to resume) and the best model."""
+class Run:
+    """Everything one training run holds and changes; last.pt is this object written down (checkpoint_dict)."""
 
-    FORMAT = "run_vae/1"
+    def __init__(self, cfg, fid_features=None):
+        self.cfg, self.paths = cfg, Checkpointing(cfg)
+        self.device = pick_device(cfg["run"]["device"])
+        self.amp_dtype = pick_precision(cfg["train"]["precision"], self.device)
+        self.data, train_idx, val_idx = load_data(cfg)
+        self.train_set, self.val_set = self.data.subset(train_idx), self.data.subset(val_idx)
+        if len(self.train_set) == 0:
+            raise DataError(f"no training images left after holding out data.val_fraction of {len(self.data)}")
+        # moved once: a batch is an index into device memory, not a copy from the host
+        self.train_images = self.train_set.images.to(self.device)
+        self.train_labels = self.train_set.labels.to(self.device)
+        t = cfg["train"]
+        self.batch_size = min(t["batch_size"], len(self.train_set))
+        self.steps_per_epoch = num_batches(len(self.train_set), self.batch_size)
+        self.total_steps = self.steps_per_epoch * t["epochs"]
 
-    def __init__(self, cfg):
-        self.run_dir = Path(cfg["run"]["log_dir"]) / cfg["run"]["name"]
-        self.last = self.run_dir / "last.pt"
-        self.best = Path(cfg["run"]["best_dir"]) / f"{cfg['run']['name']}.pt"
+        # channels_last suits both cuDNN and oneDNN convolutions (bench/bench_train.py)
+        self.model = build_model(cfg, len(self.data.classes)).to(self.device, memory_format=torch.channels_last)
+        self.train_model = self.model  # what a training step calls: the model, or its data-parallel wrapper
+        # one fused kernel for the whole update instead of a dozen elementwise passes over the weights
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"], fused=True)
+        warmup_steps = round(t["lr_warmup"] * self.steps_per_epoch)
+        self.lr_factor = lambda s: lr_factor_at(s, self.total_steps, t["lr_schedule"], warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if t["ema"] > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t["ema"]), use_buffers=True)
+        self.shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
+        self.epoch_shuffle_state = self.shuffle.get_state()
+        self.fid = (FIDScorer(cfg, self.data, train_idx, val_idx, self.device, fid_features)
+                    if cfg["fid"]["enabled"] else None)
+
+        self.epoch = self.step = self.batch_in_epoch = 0
+        self.epoch_sums = torch.zeros(4, device=self.device)  # loss, recon, kl, steps: summed on device
+        self.best = {"value": math.inf, "metric": None, "epoch": None}
+        self.prior_epoch = 0  # epoch of the last prior fit; 0 = still N(0, I)
+        self.metrics = {}  # of the last finished epoch
+        self.writer = self.wandb_run = None
+        # seconds spent in each part of the run (bench/bench_train.py reads them), and prior fits made
+        self.timings = {"start": 0.0, "steps": 0.0, "validation": 0.0, "prior_fit": 0.0, "fid": 0.0, "grids": 0.0,
+                        "checkpoints": 0.0, "prior_fits": 0}
+
+    @property
+    def sampling_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def first_difference(a, b, prefix=""):
+    """The first dotted key whose value differs between two nested dicts, or None."""
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = first_difference(va, vb, f"{prefix}{k}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{k}", va, vb
+    return None
+
+
+def restore_run(run, ckpt):
+    """Load last.pt into a freshly built Run. The model, the image size and the batch size must match:
+    they fix the weights' shapes and the epoch's batch order. A changed train.lr takes effect from here
+    on, which is how a diverged run continues from its last good state."""
+    saved = merge_config(DEFAULTS, ckpt["config"], str(run.paths.last))  # keys added since take their defaults
+    cfg = run.cfg
+    fixed = {"model": (saved["model"], cfg["model"]),
+             "data.image_size": (saved["data"]["image_size"], cfg["data"]["image_size"]),
+             "train.batch_size": (saved["train"]["batch_size"], cfg["train"]["batch_size"])}
+    for name, (old, new) in fixed.items():
+        diff = first_difference(old, new, "model.") if isinstance(old, dict) else (name, old, new)
+        if diff and diff[1] != diff[2]:
+            why = ("it sets the epoch's batch order and step count" if name == "train.batch_size"
+                   else "it sets the shapes of the saved weights")
+            raise ConfigError(f"{run.paths.last} was trained with {diff[0]}={diff[1]!r}, not {diff[2]!r}, and "
+                              f"{why}. Resume with {diff[0]}={diff[1]!r}, or start a new run.name.")
+    run.model.load_state_dict(with_prior_buffers(run.model, ckpt.get("raw_model", ckpt["model"])))
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and "ema" in ckpt:
+        run.ema.load_state_dict(with_prior_buffers(run.ema.module, ckpt["ema"], prefix="module."))
+    run.epoch, run.step, run.batch_in_epoch, run.best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
+    run.epoch_shuffle_state, run.prior_epoch = ckpt["shuffle_state"], ckpt.get("prior_epoch", 0)
+    # older checkpoints lack the partial epoch's sums: its average then covers the steps run from here
+    run.epoch_sums = ckpt.get("epoch_sums", torch.zeros(4)).to(run.device)
+    lr = cfg["train"]["lr"]
+    if saved["train"]["lr"] != lr:
+        run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+        for group in run.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * run.lr_factor(run.scheduler.last_epoch)
+        print(f"train.lr changed from {saved['train']['lr']} to {lr}: the schedule continues at the new rate")
+    set_rng_state(ckpt["rng"])
+    print(f"resuming {run.paths.run_dir} at epoch {run.epoch} step {run.step}")
+
+
+@contextlib.contextmanager
+def timed(run, part):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        run.timings[part] += time.perf_counter() - start
+
+
+def train_step(run, x, y, beta):
+    """One optimizer update on a batch. Returns (loss, recon, kl) detached on the device, and the gradient
+    norm before clipping (None when clipping is off)."""
+    t = run.cfg["train"]
+    with run.autocast():
+        x_hat, mu, logvar = run.train_model(x, y)
+    recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
+    loss = recon + beta * kl
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    grad_norm = None
+    if t["grad_clip"] > 0:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm
+
+
+def diverged(what, run, kept_epoch):
+    """The message for a run whose numbers stopped being finite, with advice that works as printed."""
+    if kept_epoch:
+        kept = (f"{run.paths.last} holds epoch {kept_epoch}, the last state with finite metrics. Continue from "
+                f"it at a lower rate: add --resume train.lr=<lower than {run.cfg['train']['lr']:g}>")
+    else:
+        kept = ("No epoch had finished, so nothing was saved. Run again with a lower train.lr "
+                "(the run folder is reused)")
+    return TrainingDiverged(f"{what}; stopped. {kept}, or try train.grad_clip=100 or train.precision=fp32.")
+
+
+def log_step(run, parts, grad_norm, beta, seconds):
+    """Scalars every train.log_every steps; also where a non-finite loss stops the run."""
+    values = dict(zip(("loss", "recon", "kl"), parts.tolist()))
+    if not all(math.isfinite(v) for v in values.values()):
+        raise diverged(f"loss became {values['loss']} at epoch {run.epoch + 1}, step {run.step}", run,
+                       run.epoch if run.paths.last.is_file() else 0)
+    values.update(beta=beta, lr=run.scheduler.get_last_lr()[0],
+                  images_per_s=run.cfg["train"]["log_every"] * run.batch_size / max(seconds, 1e-9))
+    if grad_norm is not None:  # the norm before clipping: how often the clip bites
+        values["grad_norm"] = grad_norm.item()
+    for k, v in values.items():
+        run.writer.add_scalar(f"train/{k}", v, run.step)
+    if run.wandb_run:
+        run.wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=run.step)
+    return values
+
+
+def train_epoch(run, stop):
+    """The remaining steps of the current epoch (all of them unless resumed mid-epoch). Returns False when
+    a stop was requested before the epoch's last step."""
+    cfg, t = run.cfg, run.cfg["train"]
+    run.model.train()
+    run.shuffle.set_state(run.epoch_shuffle_state)
+    batches = iterate_batches(len(run.train_set), run.batch_size, run.shuffle, device=run.device)
+    bar = tqdm(batches[run.batch_in_epoch:], desc=f"epoch {run.epoch + 1}/{t['epochs']}", leave=False, disable=None)
+    last_log = time.time()
+    for idx in bar:
+        x = to_float(run.train_images[idx]).contiguous(memory_format=torch.channels_last)
+        y = run.train_labels[idx]
+        if cfg["data"]["hflip"]:
+            flip = torch.rand(len(x), device=run.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        beta = beta_at(run.step, run.steps_per_epoch, t["beta"], t["beta_warmup"], t["beta_cycle"])
+        parts, grad_norm = train_step(run, x, y, beta)
+        run.epoch_sums += torch.cat([parts.float(), parts.new_ones(1, dtype=torch.float32)])
+        run.step += 1
+        run.batch_in_epoch += 1
+        if run.step % t["log_every"] == 0 or run.batch_in_epoch == len(batches):
+            now = time.time()
+            values = log_step(run, parts, grad_norm, beta, now - last_log)
+            last_log = now
+            bar.set_postfix(loss=f"{values['loss']:.1f}", recon=f"{values['recon']:.1f}",
+                            kl=f"{values['kl']:.1f}", beta=f"{beta:.3g}")
+        if stop["stop"] and run.batch_in_epoch < len(batches):
+            return False
+    return True
+
+
+def epoch_metrics(run):
+    """Training averages of the epoch and the validation ELBO of the sampling model."""
+    t = run.cfg["train"]
+    loss, recon, kl, n = run.epoch_sums.tolist()
+    beta = beta_at(max(run.step - 1, 0), run.steps_per_epoch, t["beta"], t["beta_warmup"], t["beta_cycle"])
+    metrics = {"beta": beta, "epoch": run.epoch}
+    if n:  # zero only for a checkpoint saved after the epoch's last step by an older version
+        metrics.update(loss=loss / n, recon=recon / n, kl=kl / n)
+    eval_set = run.val_set if len(run.val_set) else run.train_set
+    val_metrics, kl_dims = evaluate_elbo(run.sampling_model, eval_set, run.device, amp_dtype=run.amp_dtype)
+    metrics.update(val_metrics)
+    run.writer.add_histogram("latent/kl_per_dim", kl_dims, run.epoch)
+    return metrics
+
+
+def fit_run_prior(run):
+    with timed(run, "prior_fit"):
+        fit_prior(run.sampling_model, run.train_set, run.device, amp_dtype=run.amp_dtype)
+    if run.sampling_model is not run.model:  # EMA averages buffers too: keep both at the fit
+        run.model.set_prior(run.sampling_model.prior_mean, run.sampling_model.prior_scale_tril)
+    run.prior_epoch = run.epoch
+    run.timings["prior_fits"] += 1
+
+
+def refit_run_best(run):
+    with timed(run, "prior_fit"):
+        run.timings["prior_fits"] += refit_stale_prior(run.paths.best, lambda: run.train_set, run.device,
+                                                       run.amp_dtype)
+
+
+def save_epoch_checkpoints(run, metrics, improved):
+    """best.pt when the selection metric improved, then last.pt. A failed best.pt write still leaves
+    last.pt behind, so the epoch is not lost, and says which file could not be written and why."""
+    best_error = None
+    if improved:
+        previous, run.best = run.best, {"value": float(metrics[run.best_key]), "metric": run.best_key,
+                                        "epoch": run.epoch}
+        try:
+            atomic_save(checkpoint_dict(run, "best", metrics), run.paths.best)
+        except OSError as e:
+            run.best, best_error = previous, e
+    metrics["best_" + run.best_key] = run.best["value"]
+    try:
+        atomic_save(checkpoint_dict(run, "last", metrics), run.paths.last)
+    except OSError as e:
+        raise ConfigError(f"could not write {run.paths.last} ({e.strerror or e}); the previous last.pt is "
+                          f"intact. Free disk space or fix the folder's permissions, then --resume.") from None
+    if best_error is not None:
+        raise ConfigError(f"could not write the best checkpoint {run.paths.best} ({best_error.strerror or best_error}). "
+                          f"Epoch {run.epoch} is saved in {run.paths.last}: fix run.best_dir, then --resume.")
+
+
+def end_epoch(run):
+    """The work after an epoch's last step: validation, the prior fit, grids, FID, checkpoints, logs."""
+    cfg, t = run.cfg, run.cfg["train"]
+    run.epoch += 1
+    with timed(run, "validation"):
+        metrics = epoch_metrics(run)
+    fid_due = run.fid is not None and (run.epoch % cfg["fid"]["every"] == 0 or run.epoch == t["epochs"])
+    # the fit costs an encoder pass over the training set, so it runs only where samples are scored and
+    # at the end; grids in between use the latest fit. With FID off, best.pt (chosen by ELBO, which the
+    # prior does not enter) gets its fit at the end too.
+    if cfg["model"]["prior"] == "fitted" and (fid_due or run.epoch == t["epochs"]):
+        fit_run_prior(run)
+    if fid_due:
+        with timed(run, "fid"):
+            metrics.update(run.fid.score(run.sampling_model))
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # nothing of this epoch is saved: last.pt keeps the last state whose numbers were finite
+        raise diverged(f"epoch {run.epoch} ended with non-finite {', '.join(bad)}", run,
+                       run.epoch - 1 if run.paths.last.is_file() else 0)
+    if run.epoch % t["sample_every"] == 0 or run.epoch == t["epochs"]:
+        eval_set = run.val_set if len(run.val_set) else run.train_set
+        with timed(run, "grids"):
+            log_grids(run.writer, run.wandb_run, run.sampling_model, run.data.classes, eval_set, cfg, run.epoch,
+                      run.device)
+    improved = run.best_key in metrics and metrics[run.best_key] < run.best["value"]
+    run.batch_in_epoch, run.epoch_shuffle_state = 0, run.shuffle.get_state()
+    run.epoch_sums.zero_()
+    with timed(run, "checkpoints"):
+        save_epoch_checkpoints(run, metrics, improved)
+    if run.epoch == t["epochs"]:
+        refit_run_best(run)
+    for k, v in metrics.items():
+        run.writer.add_scalar(f"epoch/{k}", v, run.epoch)
+    run.writer.flush()
+    if run.wandb_run:
+        run.wandb_run.log({f"epoch/{k}": v for k, v in metrics.items()}, step=run.step)
+    run.metrics = metrics
+    summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in
+                       ("loss", "recon", "kl", "val_neg_elbo", "val_bits_per_dim", "fid", "active_units"))
+    print(f"epoch {run.epoch}/{t['epochs']} {summary}" + (" (best)" if improved else ""), flush=True)
+    return metrics
+
+
+def stop_run(run):
+    """Ctrl-C / SIGTERM: save where we are (mid-epoch included) and leave best.pt fitted to its weights."""
+    atomic_save(checkpoint_dict(run, "last", run.metrics), run.paths.last)
+    refit_run_best(run)
+    run.writer.close()
+    raise StopRequested(f"stopped at epoch {run.epoch + 1} step {run.step}; continue with --resume ({run.paths.last})")
 
 
 def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
-    """Train a (C)VAE as configured. Returns a summary dict of the final and best metrics.
+    """Train a (C)VAE as configured. Returns a summary dict of the final and best metrics, and the seconds
+    spent in each part of the run (Run.timings).
 
     report(epoch, metrics, run_dir): called after each epoch (Ray Tune hooks in here).
     fid_features: an nn.Module to use instead of the configured Inception network (tests).
     max_epochs: stop after this many epochs of this call (tests of resume).
     """
+    started = time.perf_counter()
     paths = Checkpointing(cfg)
-    if paths.run_dir.exists() and any(paths.run_dir.iterdir()) and not resume:
-        raise ConfigError(f"run folder {paths.run_dir} already exists. Continue it with --resume, "
-                          f"or start a new run with run.name=<new name>.")
-    if resume and not paths.last.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {paths.last} to continue from")
+    prepare_run_folder(paths, resume)
+    check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"])
     device = pick_device(cfg["run"]["device"])
-    amp_dtype = pick_precision(cfg["train"]["precision"], device)
     cfg = {**cfg, "fid": resolve_fid_auto(cfg["fid"], device)}
     seed_everything(cfg["run"]["seed"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    data, train_idx, val_idx = load_data(cfg)
-    train_set, val_set = data.subset(train_idx), data.subset(val_idx)
-    if len(train_set) == 0:
-        raise DataError(f"no training images left after holding out data.val_fraction of {len(data)}")
-    train_images = train_set.images.to(device)  # moved once: a batch is an index, not a copy from the host
-    train_labels = train_set.labels.to(device)
-    t, bs = cfg["train"], min(cfg["train"]["batch_size"], len(train_set))
-    steps_per_epoch = num_batches(len(train_set), bs)
-    total_steps = steps_per_epoch * t["epochs"]
-
-    model = build_model(cfg, len(data.classes)).to(device)
-    # channels_last suits both cuDNN and oneDNN convolutions (measured in bench/bench_train.py)
-    memory_format = torch.channels_last
-    model = model.to(memory_format=memory_format)
-    # one fused kernel for the whole update instead of a dozen elementwise passes over the weights
-    optimizer = torch.optim.Adam(model.parameters(), lr=t["lr"], fused=True)
-    warmup_steps = round(t["lr_warmup"] * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor_at(s, total_steps, t["lr_schedule"], warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = None
-    if t["ema"] > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t["ema"]), use_buffers=True)
-    shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
-
-    epoch, step, batch_in_epoch, best = 0, 0, 0, {"value": math.inf, "metric": None, "epoch": None}
-    prior_epoch = 0  # epoch of the last prior fit; 0 = still N(0, I)
-    epoch_shuffle_state = shuffle.get_state()
+    run = Run(cfg, fid_features)
+    run.best_key = "fid" if run.fid is not None else "val_neg_elbo"
     if resume:
-        ckpt = load_checkpoint(paths.last)
-        saved = merge_config(DEFAULTS, ckpt["config"], str(paths.last))  # keys added since take their defaults
-        if saved["model"] != cfg["model"] or saved["data"]["image_size"] != cfg["data"]["image_size"]:
-            raise ConfigError(f"{paths.last} was trained with a different model/image size; "
-                              f"resume with the original config or start a new run.name")
-        model.load_state_dict(with_prior_buffers(model, ckpt.get("raw_model", ckpt["model"])))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(with_prior_buffers(ema.module, ckpt["ema"], prefix="module."))
-        epoch, step, batch_in_epoch, best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
-        epoch_shuffle_state, prior_epoch = ckpt["shuffle_state"], ckpt.get("prior_epoch", 0)
-        set_rng_state(ckpt["rng"])
-        print(f"resuming {paths.run_dir} at epoch {epoch} step {step}")
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+        restore_run(run, load_checkpoint(paths.last))
     (paths.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(paths.run_dir))
+    run.writer = SummaryWriter(str(paths.run_dir))
     if not resume:
-        writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```")
-    wandb_run = start_wandb(cfg, paths.run_dir)
-    fid = FIDScorer(cfg, data, train_idx, val_idx, device, fid_features) if cfg["fid"]["enabled"] else None
-    if fid is None:
+        run.writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```")
+    run.wandb_run = start_wandb(cfg, paths.run_dir)
+    if run.fid is None:
         print("fid.enabled is false: the best checkpoint is chosen by validation negative ELBO")
-    sampling_model = ema.module if ema is not None else model
-
-    def checkpoint_dict(kind, metrics):
-        ck = {"format": Checkpointing.FORMAT, "kind": kind, "model": sampling_model.state_dict(),
-              "config": cfg, "classes": list(data.classes), "epoch": epoch, "step": step,
-              "metrics": {k: float(v) for k, v in metrics.items()},
-              "fid_extractor": fid.extractor_name if fid is not None else "", "prior_epoch": prior_epoch}
-        if kind == "last":
-            ck.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                      scaler=scaler.state_dict(), best=best, batch_in_epoch=batch_in_epoch,
-                      shuffle_state=epoch_shuffle_state, rng=rng_state())
-            if ema is not None:
-                ck.update(raw_model=model.state_dict(), ema=ema.state_dict())
-        return ck
+    run.timings["start"] = time.perf_counter() - started
 
     stop, metrics, epochs_this_call = {"stop": False}, {}, 0
-    last_log = time.time()
     with graceful_interrupts(stop):
-        while epoch < t["epochs"]:
-            model.train()
-            shuffle.set_state(epoch_shuffle_state)
-            batches = iterate_batches(len(train_set), bs, shuffle, device=device)
-            sums = torch.zeros(3, device=device)  # loss, recon, kl summed on device: no per-step host sync
-            todo = batches[batch_in_epoch:]
-            bar = tqdm(todo, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=None)
-            for idx in bar:
-                x = to_float(train_images[idx]).contiguous(memory_format=memory_format)
-                y = train_labels[idx]
-                if cfg["data"]["hflip"]:
-                    flip = torch.rand(len(x), device=device) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                beta = beta_at(step, steps_per_epoch, t["beta"], t["beta_warmup"], t["beta_cycle"])
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    x_hat, mu, logvar = model(x, y)
-                recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
-                loss = recon + beta * kl
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if t["grad_clip"] > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                sums += torch.stack([loss.detach(), recon.detach(), kl.detach()])
-                step += 1
-                batch_in_epoch += 1
-                if step % t["log_every"] == 0 or batch_in_epoch == len(batches):
-                    values = dict(zip(("loss", "recon", "kl"), (loss.item(), recon.item(), kl.item())))
-                    if not all(math.isfinite(v) for v in values.values()):
-                        kept = (f"{paths.last} still holds the last good state. " if paths.last.is_file()
-                                else "No epoch had finished, so nothing was saved. ")
-                        raise TrainingDiverged(
-                            f"loss became {values['loss']} at epoch {epoch + 1}, step {step}; stopped. {kept}"
-                            f"Try a lower train.lr, train.grad_clip=1000, or train.precision=fp32.")
-                    values.update(beta=beta, lr=scheduler.get_last_lr()[0])
-                    if t["grad_clip"] > 0:  # the norm before clipping: how often the clip bites
-                        values["grad_norm"] = grad_norm.item()
-                    now = time.time()
-                    values["images_per_s"] = t["log_every"] * bs / max(now - last_log, 1e-9)
-                    last_log = now
-                    for k, v in values.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    if wandb_run:
-                        wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=step)
-                    bar.set_postfix(loss=f"{values['loss']:.1f}", recon=f"{values['recon']:.1f}",
-                                    kl=f"{values['kl']:.1f}", beta=f"{beta:.3g}")
-                if stop["stop"]:
-                    break
-            if stop["stop"]:
-                atomic_save(checkpoint_dict("last", metrics), paths.last)
-                refit_stale_prior(paths.best, lambda: train_set, device, amp_dtype)
-                writer.close()
-                raise StopRequested(f"stopped at epoch {epoch + 1} step {step}; "
-                                    f"continue with --resume ({paths.last})")
-
-            # end of epoch: metrics, grids, FID, checkpoints
-            epoch += 1
-            batch_in_epoch, epoch_shuffle_state = 0, shuffle.get_state()
-            epochs_this_call += 1
-            n = max(1, len(todo))  # a resumed epoch averages only the steps it ran
-            metrics = {"loss": sums[0].item() / n, "recon": sums[1].item() / n, "kl": sums[2].item() / n,
-                       "beta": beta, "epoch": epoch}
-            eval_set = val_set if len(val_set) else train_set
-            val_metrics, kl_dims = evaluate_elbo(sampling_model, eval_set, device, amp_dtype=amp_dtype)
-            metrics.update(val_metrics)
-            writer.add_histogram("latent/kl_per_dim", kl_dims, epoch)
-            fid_due = fid is not None and (epoch % cfg["fid"]["every"] == 0 or epoch == t["epochs"])
-            # the fit costs an encoder pass over the training set (a ninth of an epoch's time), so it
-            # runs only where samples are scored and at the end; grids in between use the latest fit. With
-            # FID off, best.pt (chosen by ELBO, which the prior does not enter) gets its fit at the end too.
-            if cfg["model"]["prior"] == "fitted" and (fid_due or epoch == t["epochs"]):
-                fit_prior(sampling_model, train_set, device, amp_dtype=amp_dtype)
-                if sampling_model is not model:  # EMA averages buffers too: keep both at the fit
-                    model.set_prior(sampling_model.prior_mean, sampling_model.prior_scale_tril)
-                prior_epoch = epoch
-            if epoch % t["sample_every"] == 0 or epoch == t["epochs"]:
-                log_grids(writer, wandb_run, sampling_model, data.classes, eval_set, cfg, epoch, device)
-            if fid_due:
-                metrics.update(fid.score(sampling_model))
-            key = "fid" if fid is not None else "val_neg_elbo"
-            improved = key in metrics and metrics[key] < best["value"]
-            if improved:
-                best = {"value": float(metrics[key]), "metric": key, "epoch": epoch}
-                atomic_save(checkpoint_dict("best", metrics), paths.best)
-            metrics["best_" + key] = best["value"]
-            atomic_save(checkpoint_dict("last", metrics), paths.last)
-            if epoch == t["epochs"]:
-                refit_stale_prior(paths.best, lambda: train_set, device, amp_dtype)
-            for k, v in metrics.items():
-                writer.add_scalar(f"epoch/{k}", v, epoch)
-            writer.flush()
-            if wandb_run:
-                wandb_run.log({f"epoch/{k}": v for k, v in metrics.items()}, step=step)
-            summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in
-                               ("loss", "recon", "kl", "val_neg_elbo", "val_bits_per_dim", "fid", "active_units"))
-            print(f"epoch {epoch}/{t['epochs']} {summary}" + (" (best)" if improved else ""), flush=True)
+        while run.epoch < cfg["train"]["epochs"]:
+            with timed(run, "steps"):
+                finished = train_epoch(run, stop)
+            if not finished:
+                stop_run(run)
+            metrics = end_epoch(run)
             if report is not None:
-                report(epoch, metrics, paths.run_dir)
+                report(run.epoch, metrics, paths.run_dir)
+            epochs_this_call += 1
+            if stop["stop"]:
+                stop_run(run)
             if max_epochs is not None and epochs_this_call >= max_epochs:
                 break
-    writer.close()
-    if wandb_run:
-        finish_wandb(wandb_run, cfg, paths.best)
-    return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": best, **metrics}
-
-
-def refit_stale_prior(path, get_train_set, device="cpu", amp_dtype=None):
-    """Give a checkpoint whose weights are newer than its fitted prior (a best checkpoint chosen by ELBO
-    between fits) the prior of its own weights, in place. train() runs it on best.pt when training ends or
-    is stopped, so it costs one fit a run. get_train_set() is called only when a fit is needed."""
-    if not Path(path).is_file():
-        return
-    ckpt = load_checkpoint(path)
-    if ckpt["config"]["model"].get("prior") != "fitted" or ckpt.get("prior_epoch", 0) == ckpt["epoch"]:
-        return
-    model = model_from_checkpoint(ckpt, device)
-    fit_prior(model, get_train_set(), device, amp_dtype=amp_dtype)
-    ckpt["model"], ckpt["prior_epoch"] = model.state_dict(), ckpt["epoch"]
-    atomic_save(ckpt, path)
+    run.writer.close()
+    if run.wandb_run:
+        finish_wandb(run.wandb_run, cfg, paths.best)
+    return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": run.best,
+            "timings": run.timings, **metrics}
 
 
 @torch.no_grad()
@@ -1228,57 +1525,38 @@ def finish_wandb(run, cfg, best_path):
 # sampling (test mode)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged or not ours; printed without a traceback."""
+def make_grid_image(images, nrow, labels=None, pad=2):
+    """uint8-ready PIL grid of float images in [0,1]; optional text label at the start of each row."""
+    from torchvision.utils import make_grid
+    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=pad, pad_value=1.0)
+    im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if not labels:
+        return im
+    margin = 8 + 7 * max(len(s) for s in labels)
+    out = Image.new("RGB", (im.width + margin, im.height), "white")
+    out.paste(im, (margin, 0))
+    draw, row_h = ImageDraw.Draw(out), images.shape[-2] + pad
+    for r, text in enumerate(labels):
+        draw.text((4, pad + r * row_h + images.shape[-2] // 2 - 6), text, fill="black")
+    return out
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a run_vae checkpoint safely: weights_only=True, so a file can never run code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist. Train one first: "
-                              f"python run_vae.py --config config/train_demo.yaml")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file (truncated copy?)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):
-            detail = next((l for l in str(e).splitlines() if "Unsupported global" in l), "").strip()
-            detail = detail.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
-            raise CheckpointError(f"checkpoint {path} holds objects that are not plain data (refused for safety): "
-                                  f"{detail[:160]}") from None
-        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != Checkpointing.FORMAT:
-        raise CheckpointError(f"{path} is not a run_vae.py checkpoint (no '{Checkpointing.FORMAT}' format tag)")
-    return ckpt
+def sample_grid(model, classes, per_class, seed, temperature=1.0):
+    """Prior samples; for a CVAE one row per class (the same noise across rows, so only the class changes)."""
+    g = torch.Generator().manual_seed(seed)
+    if model.num_classes:
+        eps = torch.randn(per_class, model.latent_dim, generator=g)
+        eps = eps.repeat(model.num_classes, 1) * temperature
+        device = next(model.parameters()).device
+        y = torch.arange(model.num_classes).repeat_interleave(per_class).to(device)
+        return model.decode(model.prior_z(eps.to(device), y), y), per_class, list(classes)
+    n = per_class * max(1, len(classes))
+    return model.sample(n, temperature=temperature, generator=g), per_class, None
 
 
-def with_prior_buffers(model, state, prefix=""):
-    """Checkpoints from before the fitted prior lack its buffers: fill them in from `model` (N(0, I))."""
-    return {prefix + k: v for k, v in model.state_dict().items() if k.startswith("prior_")} | state
-
-
-def prior_description(ckpt):
-    """Between fits a checkpoint's weights are newer than its prior: a mid-run last.pt, or the best.pt of
-    an FID-off run killed before its end."""
-    if not ckpt.get("prior_epoch"):
-        return "N(0, I)"
-    newer = f" (weights of epoch {ckpt['epoch']})" if ckpt["prior_epoch"] != ckpt.get("epoch") else ""
-    return f"fitted at epoch {ckpt['prior_epoch']}{newer}"
-
-
-def model_from_checkpoint(ckpt, device="cpu"):
-    """Rebuild the model from the config stored in the checkpoint, in eval mode."""
-    cfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
-    model = build_model(cfg, len(ckpt["classes"]))
-    try:
-        model.load_state_dict(with_prior_buffers(model, ckpt["model"]))
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match the model its config describes: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+def json_ready(metrics):
+    """Non-finite floats become null: JSON has no Infinity or NaN."""
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 @torch.no_grad()
@@ -1319,8 +1597,9 @@ def test(cfg, fid_features=None):
     if cfg["fid"]["enabled"]:
         fid = FIDScorer(tcfg, data, train_idx, val_idx, device, fid_features)
         metrics.update(fid.score(model, with_kid=True), fid_extractor=fid.extractor_name)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics, indent=2))
+    text = json.dumps(json_ready(metrics), indent=2, allow_nan=False)
+    (out_dir / "metrics.json").write_text(text)
+    print(text)
     print(f"wrote {out_dir / 'samples.png'}, {out_dir / 'reconstructions.png'}, {out_dir / 'metrics.json'}")
     return metrics
 
@@ -1330,7 +1609,8 @@ def test(cfg, fid_features=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML file (extension optional), e.g. config/train_apples.yaml")
+    p.add_argument("--config", help="YAML file (extension optional), e.g. config/train_apples.yaml; "
+                                    "without it DEFAULTS apply, e.g. python run_vae.py data.root=my_images")
     p.add_argument("--resume", action="store_true", help="continue logs/<run.name>/last.pt")
     p.add_argument("--conditional", action="store_true", help="shortcut for model.conditional=true")
     p.add_argument("--latent_dim", type=int, help="shortcut for model.latent_dim=N")
@@ -1352,8 +1632,12 @@ def main(argv=None):
             test(cfg)
         else:
             summary = train(cfg, resume=args.resume)
-            print(f"done: best {summary['best']['metric']}={summary['best']['value']:.4g} "
-                  f"at epoch {summary['best']['epoch']} -> {summary['best_checkpoint']}")
+            best = summary["best"]
+            if best["epoch"] is None:
+                print(f"done: no epoch improved {best['metric']}; no best checkpoint was written")
+            else:
+                print(f"done: best {best['metric']}={best['value']:.4g} at epoch {best['epoch']} "
+                      f"-> {summary['best_checkpoint']}")
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, StopRequested) as e:
         print(f"error: {e}" if not isinstance(e, StopRequested) else str(e), file=sys.stderr)
         return 130 if isinstance(e, StopRequested) else 2

@@ -1,4 +1,5 @@
 """Training: the loss goes down, resume is exact, checkpoints survive crashes, bad runs stop clearly."""
+import contextlib
 import os
 import pickle
 import signal
@@ -12,6 +13,23 @@ import torch
 import run_vae
 from run_vae import ConfigError, TrainingDiverged, load_checkpoint, train
 from conftest import ROOT, tiny_config
+
+
+@contextlib.contextmanager
+def interrupted_during_step(step):
+    """SIGINT delivered while training step `step` (0-based) runs, as a user's Ctrl-C would land."""
+    real = run_vae.train_step
+
+    def step_then_interrupt(run, *args):
+        out = real(run, *args)
+        if run.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    run_vae.train_step = step_then_interrupt
+    try:
+        yield
+    finally:
+        run_vae.train_step = real
 
 
 def weights(path, key="model"):
@@ -84,11 +102,9 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, image_folder):
     part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3})
     train(full)
 
-    def interrupt_after_first_epoch(epoch, metrics, run_dir):
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # handled: finishes one more step, saves, stops
     with pytest.raises(run_vae.StopRequested, match="--resume"):
-        train(part, report=interrupt_after_first_epoch)
+        with interrupted_during_step(3):  # epoch 1 has steps 0-2: a Ctrl-C in epoch 2's first step
+            train(part)
     saved = load_checkpoint(tmp_path / "logs/part/last.pt")
     assert saved["epoch"] == 1 and saved["batch_in_epoch"] == 1  # stopped inside epoch 2
     best = load_checkpoint(tmp_path / "best/part.pt")  # FID off: fitted on stopping, not every epoch
@@ -100,7 +116,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, image_folder):
 def test_existing_run_folder_is_not_overwritten_without_resume(cfg):
     train(cfg)
     before = (ROOT.__class__(cfg["run"]["log_dir"]) / "tiny" / "last.pt").read_bytes()
-    with pytest.raises(ConfigError, match="already exists.*--resume"):
+    with pytest.raises(ConfigError, match="already holds a checkpoint.*--resume"):
         train(cfg)
     assert (ROOT.__class__(cfg["run"]["log_dir"]) / "tiny" / "last.pt").read_bytes() == before
 
@@ -122,7 +138,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(cfg, m
                 recon = recon * float("nan")
         return recon, kl, kl_dim
     monkeypatch.setattr(run_vae, "vae_loss", loss_that_explodes_in_epoch_two)
-    with pytest.raises(TrainingDiverged, match="last good state"):
+    with pytest.raises(TrainingDiverged, match="holds epoch 1, the last state with finite metrics"):
         train(cfg)
     last = load_checkpoint(ROOT.__class__(cfg["run"]["log_dir"]) / "tiny" / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
@@ -319,5 +335,5 @@ def test_resume_accepts_a_checkpoint_saved_before_a_config_key_existed(tmp_path,
     torch.save(ckpt, last)
     assert train(cfg, resume=True)["epoch"] == 2
     changed = tiny_config(tmp_path, image_folder, train={"epochs": 2}, model={"latent_dim": 4})
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match="model.latent_dim=8, not 4"):
         train(changed, resume=True)

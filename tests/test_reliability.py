@@ -1,0 +1,244 @@
+"""Interruptions, bad values, odd images, disk errors and foreign checkpoints: each a clear message,
+nothing saved lost, and a run that can always be continued or restarted as the message says."""
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import run_vae
+from run_vae import CheckpointError, ConfigError, DataError, TrainingDiverged, load_checkpoint, train
+from conftest import make_image_folder, tiny_config
+from test_training import assert_same_weights, interrupted_during_step, weights
+
+
+def one_step_epochs(tmp_path, image_folder, **sections):
+    """Batches as large as the training split: every step is an epoch's last step."""
+    return tiny_config(tmp_path, image_folder, train={"batch_size": 64, "epochs": 4, **sections.pop("train", {})},
+                       **sections)
+
+
+def test_a_stop_on_an_epochs_last_step_resumes_and_matches_an_uninterrupted_run(tmp_path, image_folder):
+    full = one_step_epochs(tmp_path, image_folder, run={"name": "full"})
+    part = one_step_epochs(tmp_path, image_folder, run={"name": "part"})
+    train(full)
+    with pytest.raises(run_vae.StopRequested), interrupted_during_step(1):
+        train(part)
+    saved = load_checkpoint(tmp_path / "logs/part/last.pt")
+    assert saved["epoch"] == 2 and saved["batch_in_epoch"] == 0  # the epoch was finished, then saved
+    summary = train(part, resume=True)
+    assert summary["epoch"] == 4
+    assert_same_weights(weights(tmp_path / "logs/full/last.pt"), weights(tmp_path / "logs/part/last.pt"))
+    full_metrics = load_checkpoint(tmp_path / "logs/full/last.pt")["metrics"]
+    assert load_checkpoint(tmp_path / "logs/part/last.pt")["metrics"]["loss"] == pytest.approx(full_metrics["loss"])
+
+
+def test_a_resumed_epoch_reports_the_same_average_loss_as_an_uninterrupted_one(tmp_path, image_folder):
+    full = tiny_config(tmp_path, image_folder, run={"name": "full"})
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"})
+    train(full)
+    with pytest.raises(run_vae.StopRequested), interrupted_during_step(4):  # mid epoch 2
+        train(part)
+    train(part, resume=True)
+    a, b = (load_checkpoint(tmp_path / f"logs/{n}/last.pt")["metrics"] for n in ("full", "part"))
+    assert b["loss"] == pytest.approx(a["loss"]) and b["kl"] == pytest.approx(a["kl"])
+
+
+def scripted_validation(monkeypatch, bad_from_call):
+    """evaluate_elbo as usual, but infinite from its `bad_from_call`-th call on (a diverged decoder)."""
+    real, calls = run_vae.evaluate_elbo, {"n": 0}
+
+    def validation(*args, **kwargs):
+        metrics, kl = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= bad_from_call:
+            metrics = {**metrics, "val_neg_elbo": float("inf"), "val_bits_per_dim": float("inf")}
+        return metrics, kl
+    monkeypatch.setattr(run_vae, "evaluate_elbo", validation)
+
+
+def test_non_finite_validation_stops_the_run_and_last_pt_keeps_the_finite_epoch(tmp_path, image_folder,
+                                                                                monkeypatch, capsys):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3})
+    scripted_validation(monkeypatch, bad_from_call=2)
+    with pytest.raises(TrainingDiverged, match=r"non-finite val_neg_elbo.*holds epoch 1.*--resume train.lr="):
+        train(cfg)
+    last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert last["epoch"] == 1 and all(np.isfinite(v) for v in last["metrics"].values())
+    assert load_checkpoint(tmp_path / "best/tiny.pt")["epoch"] == 1
+
+
+def test_the_cli_never_reports_success_for_a_run_that_diverged_in_epoch_one(tmp_path, image_folder,
+                                                                            monkeypatch, capsys):
+    scripted_validation(monkeypatch, bad_from_call=1)
+    args = [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs",
+            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
+            "model.latent_dim=8", "train.epochs=2", "train.batch_size=8"]
+    assert run_vae.main(args) == 2
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "done:" not in err and not (tmp_path / "best/vae.pt").exists()
+    monkeypatch.undo()
+    assert run_vae.main(args + ["train.lr=1e-3"]) == 0  # the advice works as printed: same folder, lower lr
+    assert load_checkpoint(tmp_path / "best/vae.pt")["epoch"] >= 1
+
+
+def test_metrics_json_is_valid_json_even_with_non_finite_values(tmp_path, image_folder, monkeypatch):
+    cfg = tiny_config(tmp_path, image_folder)
+    train(cfg)
+    scripted_validation(monkeypatch, bad_from_call=1)
+    run_vae.test({**cfg, "test": {**cfg["test"], "out_dir": str(tmp_path / "out")}})
+
+    def refuse(name):
+        raise ValueError(name)
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["val_neg_elbo"] is None and metrics["val_mse"] > 0
+
+
+def test_a_run_folder_without_a_checkpoint_is_reused_and_resume_says_so(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder)
+    run_dir = tmp_path / "logs/tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "events.out.tfevents.123.old").write_bytes(b"stale")  # a start killed in epoch 1
+    with pytest.raises(ConfigError, match="holds no checkpoint.*without --resume"):
+        train(cfg, resume=True)
+    assert train(cfg)["epoch"] == 2
+    assert not (run_dir / "events.out.tfevents.123.old").exists()
+
+
+def test_resume_with_a_lower_lr_continues_at_that_rate(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2})
+    train(cfg, max_epochs=1)
+    lower = tiny_config(tmp_path, image_folder, train={"epochs": 2, "lr": 1e-4})
+    seen = []
+    real = run_vae.train_step
+
+    def recording(run, *args):
+        seen.append(run.optimizer.param_groups[0]["lr"])
+        return real(run, *args)
+    run_vae.train_step = recording
+    try:
+        train(lower, resume=True)
+    finally:
+        run_vae.train_step = real
+    assert seen and all(lr == pytest.approx(1e-4) for lr in seen)
+
+
+def test_resume_refuses_a_changed_batch_size_and_names_it(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2})
+    train(cfg, max_epochs=1)
+    with pytest.raises(ConfigError, match=r"train.batch_size=8, not 4.*batch order"):
+        train(tiny_config(tmp_path, image_folder, train={"epochs": 2, "batch_size": 4}), resume=True)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)  # PIL writes a 16-bit greyscale PNG (mode I;16)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    decoded = run_vae.decode_image(path, 32).float()
+    expected = torch.from_numpy(ramp / 257.0).float()
+    assert (decoded[0] - expected).abs().max() < 3 and decoded.mean() == pytest.approx(127.5, abs=3)
+    assert torch.equal(decoded[0], decoded[2])
+
+
+def test_float_images_in_unit_range_are_scaled(tmp_path):
+    im = Image.fromarray(np.full((16, 16), 0.5, np.float32), mode="F")
+    assert np.asarray(run_vae.to_8bit(im)).mean() == pytest.approx(128, abs=1)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=-1", "train.lr must be greater than 0"),
+    ("train.ema=1.5", r"train.ema must be in \[0.0, 1.0\)"),
+    ("train.beta=-1", "train.beta must be at least 0"),
+    ("train.sample_every=0", "train.sample_every must be at least 1"),
+    ("test.temperature=0", "test.temperature must be greater than 0"),
+    ("train.epochs=[1", "override 'train.epochs=\\[1'"),
+])
+def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key):
+        run_vae.load_config(None, [f"run.log_dir={tmp_path}/logs", override])
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_cli_prints_a_message_for_a_bad_value_not_a_traceback(tmp_path, capsys):
+    assert run_vae.main([f"run.log_dir={tmp_path}", "train.sample_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.sample_every") and "Traceback" not in err
+
+
+def test_an_unwritable_output_folder_fails_before_training(tmp_path, image_folder):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = tiny_config(tmp_path, image_folder, run={"best_dir": str(blocker / "best")})
+    with pytest.raises(ConfigError, match=r"cannot write to .*a_file/best.*run.best_dir"):
+        train(cfg)
+    assert not (tmp_path / "logs/tiny/last.pt").exists()
+
+
+def test_a_failed_best_save_still_writes_last_pt_and_names_the_path(tmp_path, image_folder, monkeypatch):
+    cfg = tiny_config(tmp_path, image_folder)
+    real = run_vae.atomic_save
+
+    def disk_full_for_best(obj, path):
+        if str(path).endswith("best/tiny.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(obj, path)
+    monkeypatch.setattr(run_vae, "atomic_save", disk_full_for_best)
+    with pytest.raises(ConfigError, match=r"best checkpoint .*tiny.pt \(No space left on device\).*Epoch 1 is saved"):
+        train(cfg)
+    last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert last["epoch"] == 1 and last["best"]["epoch"] is None  # no claim of a best file that was not written
+
+
+def test_atomic_save_reports_the_write_error_not_its_cleanups(tmp_path, monkeypatch):
+    def disk_full(obj, f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def cleanup_fails(self, missing_ok=False):
+        raise PermissionError(errno.EACCES, "cleanup failed too")
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(type(tmp_path), "unlink", cleanup_fails)
+    with pytest.raises(OSError) as info:
+        run_vae.atomic_save({"x": 1}, tmp_path / "file.pt")
+    assert info.value.errno == errno.ENOSPC
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_advice_to_disable_safety(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": run_vae.Checkpointing.FORMAT, "payload": RunsCode()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "would run code" in message and "weights_only" not in message and "damaged" not in message
+
+
+def test_a_tagged_checkpoint_without_classes_is_a_clear_error(tmp_path):
+    path = tmp_path / "partial.pt"
+    torch.save({"format": run_vae.Checkpointing.FORMAT, "model": {}, "config": {}, "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match="incomplete.*classes"):
+        load_checkpoint(path)
+
+
+def test_a_folder_given_as_checkpoint_and_a_file_given_as_data_root(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file"):
+        run_vae.list_image_folder(tmp_path / "x.jpg")
+
+
+def test_config_is_optional_on_the_command_line(tmp_path, monkeypatch):
+    images = make_image_folder(tmp_path / "my_images", per_class=6)
+    monkeypatch.chdir(tmp_path)
+    code = run_vae.main([f"data.root={images}", "data.image_size=16", "model.latent_dim=8", "train.epochs=1",
+                         "fid.enabled=false"])
+    assert code == 0 and (tmp_path / "best_models/vae.pt").is_file()
