@@ -78,6 +78,22 @@ DEFAULTS = {
         "log_every": 10,          # steps between scalar logs (also the NaN check)
         "sample_every": 1,        # epochs between sample/reconstruction grids in TensorBoard
     },
+    "loss": {                     # extra terms for sharper images, added to recon + beta * KL; all off by default
+        "perceptual": 0.0,        # weight of the perceptual distance, 0 = off. Like recon it is summed over pixel
+                                  # positions (LPIPS x H*W), so ~0.2 x 4096 ~ 800 per 64x64 reconstruction: 0.1 gives
+                                  # it about recon's size
+        "perceptual_net": "alex", # alex | vgg: shift-tolerant LPIPS (weights in stlpips-pytorch, trained on perceptual
+                                  # judgements; vgg costs ~4x alex) | msssim: 1 - MS-SSIM, no weights
+        "adversarial": 0.0,       # weight of the patch discriminator's hinge loss, 0 = off; scaled by an adaptive
+                                  # weight that gives it recon's gradient norm at the decoder's last layer (VQGAN)
+        "adv_start": 5.0,         # epochs before the discriminator starts (fractions allowed): the VAE learns first
+        "adv_weight_max": 1e4,    # clamp of the adaptive weight
+        "disc_lr": 2e-4,          # Adam (betas 0.5, 0.9) of the discriminator, constant
+        "disc_channels": 64,      # width of the discriminator's first layer (doubling per stride-2 layer)
+        "diffaug": "color,translation,cutout",  # DiffAugment policy on real and fake before the discriminator
+                                  # (comma-separated subset; "" = off): stops it memorising a small data set
+        "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on)
+    },
     "fid": {
         "enabled": True,          # off: best checkpoint is chosen by validation negative ELBO
         "every": 0,               # epochs between FID evaluations (and the last epoch); 0 = auto: 5 on CPU, 1 on GPU
@@ -222,8 +238,30 @@ def check_config(cfg):
                          ("train", "log_every"), ("fid", "batch_size")]:
         if cfg[section][key] < 1:
             raise ConfigError(f"{section}.{key} must be at least 1, got {cfg[section][key]}")
+    check_loss_config(cfg["loss"])
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
         raise ConfigError(f"run.name must be a plain folder name, got {cfg['run']['name']!r}")
+
+
+DIFFAUG_OPS = ("color", "translation", "cutout")
+
+
+def check_loss_config(loss):
+    if loss["perceptual_net"] not in ("alex", "vgg", "msssim"):
+        raise ConfigError(f"loss.perceptual_net must be one of alex, vgg, msssim, got {loss['perceptual_net']!r}")
+    for key, what in [("perceptual", "0 (off) or a positive weight"), ("adversarial", "0 (off) or a positive weight"),
+                      ("adv_start", "0 or a number of epochs"), ("r1", "0 (off) or a positive weight")]:
+        if not (loss[key] >= 0 and math.isfinite(loss[key])):
+            raise ConfigError(f"loss.{key} must be {what}, got {loss[key]}")
+    for key in ("adv_weight_max", "disc_lr"):
+        if not (loss[key] > 0 and math.isfinite(loss[key])):
+            raise ConfigError(f"loss.{key} must be a positive number, got {loss[key]}")
+    if not 4 <= loss["disc_channels"] <= 512:
+        raise ConfigError(f"loss.disc_channels must be in [4, 512], got {loss['disc_channels']}")
+    unknown = [op for op in loss["diffaug"].split(",") if op.strip() and op.strip() not in DIFFAUG_OPS]
+    if unknown:
+        raise ConfigError(f"loss.diffaug must be \"\" (off) or a comma-separated subset of {','.join(DIFFAUG_OPS)}, "
+                          f"got {loss['diffaug']!r}")
 
 
 def config_to_yaml(cfg):
@@ -597,6 +635,164 @@ def beta_at(step, steps_per_epoch, beta, warmup_epochs=0, cycle_epochs=0):
     if warmup_epochs > 0:
         return beta * min(1.0, step / (warmup_epochs * steps_per_epoch))
     return beta
+
+# ----------------------------------------------------------------------------------------------------
+# perceptual and adversarial terms
+
+
+def find_stlpips_weights(net):
+    """The shift-tolerant LPIPS weights (alex | vgg) inside the installed stlpips-pytorch, found without
+    importing it: its code imports packages it does not declare, and only the weights are used here."""
+    import importlib.util
+    spec = importlib.util.find_spec("stlpips_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
+        if path.is_file():
+            return path
+    raise ConfigError("the perceptual network's weights are not installed: pip install --no-deps "
+                      "stlpips-pytorch==0.0.2 (make setup does this), or set loss.perceptual_net=msssim "
+                      "(no weights) or loss.perceptual=0")
+
+
+class BlurPool(nn.Module):
+    """Anti-aliased subsampling: a fixed binomial low-pass filter ([1 2 1] outer [1 2 1], reflection padding
+    of 2 on each side) applied before keeping every second pixel, so features shift with the image instead
+    of flickering. The padding and filter are those the shipped weights were trained with."""
+
+    def __init__(self, channels):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (torch.outer(k, k) / 16).expand(channels, 1, 3, 3).clone())
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+def lpips_trunk_layers(net):
+    """The shift-tolerant trunk as (layers, slice boundaries): each slice ends at one of the five feature
+    maps the distance compares. Layer indices are those of the shipped state dict."""
+    if net == "alex":
+        layers = [nn.Conv2d(3, 64, 11, 1, 2), BlurPool(64), nn.ReLU(),
+                  nn.MaxPool2d(3, 1), BlurPool(64), nn.Conv2d(64, 192, 5, 1, 2), nn.ReLU(),
+                  nn.MaxPool2d(3, 1), BlurPool(192), nn.Conv2d(192, 384, 3, 1, 1), nn.ReLU(),
+                  nn.Conv2d(384, 256, 3, 1, 1), nn.ReLU(),
+                  nn.Conv2d(256, 256, 3, 1, 1), nn.ReLU()]
+        return layers, [0, 3, 7, 11, 13, 15]
+    layers, cin = [], 3  # VGG16's 13 convs; each 2x2 max pool runs at stride 1, then a BlurPool subsamples
+    for cout in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+        if cout == "M":
+            layers += [nn.MaxPool2d(2, 1), BlurPool(cin)]
+        else:
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1), nn.ReLU()]
+            cin = cout
+    return layers, [0, 4, 10, 18, 26, 34]
+
+
+class LinearHead(nn.Module):
+    """Learned non-negative weight per channel of one layer's squared feature difference (a 1x1 conv).
+    model[0] held dropout while the metric was trained; the index keeps the shipped state dict's names."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class PerceptualLoss(nn.Module):
+    """Shift-tolerant LPIPS (Ghildyal & Liu 2022; trunk and heads trained from scratch on the BAPPS
+    perceptual judgements, not an ImageNet classifier, so it is not one of our evaluators' feature spaces).
+
+    forward(x_hat, x) takes images in [0,1] and returns one distance per image: LPIPS (per layer, the
+    unit-normalised features' squared difference weighted by the learned head and averaged over
+    positions, summed over the 5 layers; 0 for identical images, ~0.1-0.7 in use) times H*W, the number
+    of pixel positions at the input size. The pixel loss sums over pixels too, so the ratio of the two
+    terms, and loss.perceptual's meaning, stay the same at any image size. Images under 64 px are
+    upsampled to 64 first (the metric was trained on 64 px patches, and its trunk needs that much room).
+    The network is frozen (eval, no gradients to its weights) and is no part of the VAE."""
+
+    MIN_SIZE = 64
+
+    def __init__(self, net="alex", weights=None):
+        super().__init__()
+        layers, bounds = lpips_trunk_layers(net)
+        self.net = nn.Module()
+        for i in range(5):
+            block = nn.Sequential()
+            for j in range(bounds[i], bounds[i + 1]):
+                block.add_module(str(j), layers[j])
+            self.net.add_module(f"slice{i + 1}", block)
+        widths = [64, 192, 384, 256, 256] if net == "alex" else [64, 128, 256, 512, 512]
+        for i, c in enumerate(widths):
+            self.add_module(f"lin{i}", LinearHead(c))
+        self.scaling_layer = nn.Module()  # the metric's fixed input normalisation, loaded with the weights
+        self.scaling_layer.register_buffer("shift", torch.zeros(1, 3, 1, 1))
+        self.scaling_layer.register_buffer("scale", torch.ones(1, 3, 1, 1))
+        path = weights or find_stlpips_weights(net)
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: model.train() on a parent must not switch it
+
+    def features(self, x):
+        if min(x.shape[-2:]) < self.MIN_SIZE:
+            x = F.interpolate(x, scale_factor=self.MIN_SIZE / min(x.shape[-2:]), mode="bilinear", align_corners=False)
+        h = ((2 * x - 1) - self.scaling_layer.shift) / self.scaling_layer.scale  # [0,1] -> the [-1,1] it expects
+        feats = []
+        for i in range(5):
+            h = getattr(self.net, f"slice{i + 1}")(h)
+            # unit length over channels, in float32: bf16's rounding would swamp small differences
+            feats.append(F.normalize(h.float(), dim=1, eps=1e-10))
+        return feats
+
+    def forward(self, x_hat, x):
+        with torch.no_grad():
+            target = self.features(x)
+        dist = 0
+        for i, (a, b) in enumerate(zip(self.features(x_hat), target)):
+            dist = dist + getattr(self, f"lin{i}")((a - b).pow(2)).float().mean((1, 2, 3))
+        return dist * (x.shape[-2] * x.shape[-1])
+
+
+class StructuralLoss(nn.Module):
+    """1 - MS-SSIM (pytorch-msssim; no weights), times H*W like PerceptualLoss.
+
+    MS-SSIM compares 5 scales, each half the size of the one before, and pytorch-msssim needs the image
+    side to exceed (window - 1) * 16. The rule: the largest odd Gaussian window up to the usual 11 that
+    fits (64 px: 3, 128 px: 7, 160 px and more: 11); images under 64 px, where only a window of 1 would fit,
+    use single-scale SSIM with a 7 px window instead. Computed in float32 outside autocast."""
+
+    def __init__(self, image_size):
+        super().__init__()
+        self.image_size = image_size
+        self.multiscale = image_size >= 64
+        fits = [w for w in (3, 5, 7, 9, 11) if (w - 1) * 16 < image_size]
+        self.window = max(fits) if self.multiscale else 7
+
+    def forward(self, x_hat, x):
+        import pytorch_msssim
+        with torch.autocast(x.device.type, enabled=False):
+            x_hat, x = x_hat.float(), x.float()
+            if self.multiscale:
+                sim = pytorch_msssim.ms_ssim(x_hat, x, data_range=1.0, size_average=False, win_size=self.window)
+            else:
+                sim = pytorch_msssim.ssim(x_hat, x, data_range=1.0, size_average=False, win_size=self.window)
+        return (1 - sim) * (x.shape[-2] * x.shape[-1])
+
+
+def build_perceptual(net, image_size):
+    """loss.perceptual_net -> a frozen module mapping (x_hat, x) in [0,1] to a per-image distance."""
+    if net == "msssim":
+        try:
+            import pytorch_msssim  # noqa: F401
+        except ImportError:
+            raise ConfigError("loss.perceptual_net=msssim needs pytorch-msssim: pip install pytorch-msssim==1.0.0 "
+                              "(make setup does this)") from None
+        return StructuralLoss(image_size)
+    return PerceptualLoss(net)
 
 # ----------------------------------------------------------------------------------------------------
 # evaluation
