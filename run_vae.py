@@ -794,6 +794,185 @@ def build_perceptual(net, image_size):
         return StructuralLoss(image_size)
     return PerceptualLoss(net)
 
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: stride-2 4x4 convs (widths c, 2c, 4c) with LeakyReLU, then a 3x3 conv to one logit per
+    patch. Spectral norm on every conv bounds its Lipschitz constant, so no normalisation layers. The
+    number of stride-2 convs follows the image size (16 px: 1, 32 px: 2, 64 px and up: 3), so each logit
+    sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond."""
+
+    def __init__(self, image_size, channels=64):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers, cin = [], 3
+        for i in range(min(3, int(math.log2(image_size)) - 3)):
+            cout = channels * 2 ** i
+            layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            cin = cout
+        self.net = nn.Sequential(*layers, sn(nn.Conv2d(cin, 1, 3, 1, 1)))
+
+    def forward(self, x):
+        return self.net(2 * x - 1)  # [0,1] images, centred
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """The discriminator's hinge loss: push real logits above 1 and fake ones below -1."""
+    return 0.5 * (F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean())
+
+
+def hinge_g_loss(fake_logits):
+    """The generator's side of the hinge GAN: raise the discriminator's logits on its images."""
+    return -fake_logits.float().mean()
+
+
+def r1_penalty(real_logits, real, grad_scale=1.0):
+    """E ||d logit / d real||^2 (Mescheder et al. 2018), per image summed over the logit map; `real` must
+    require grad. Under fp16 the logits are scaled by `grad_scale` first so the gradient cannot underflow."""
+    (grad,) = torch.autograd.grad(real_logits.float().sum() * grad_scale, real, create_graph=True)
+    return (grad.float() / grad_scale).pow(2).flatten(1).sum(1).mean()
+
+
+def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=1e4):
+    """VQGAN's balance: ||grad_W rec_loss|| / (||grad_W g_loss|| + 1e-4) at the decoder's last layer W,
+    clamped to [0, max_weight] and detached, so the adversarial gradient there is as large as the
+    reconstruction's (times loss.adversarial) whatever either loss's scale. 0 if a norm is not finite."""
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
+    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
+    return weight.clamp(0, max_weight).detach()
+
+
+def diff_augment(x, policy="color,translation,cutout"):
+    """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): the same random transforms are
+    drawn for real and fake images before the discriminator, so it cannot memorise a small data set while
+    its gradients still reach the generator. `policy` is a comma-separated subset of color, translation,
+    cutout. Each op keeps [0,1] images in [0,1]: colour changes are blends (towards black or white, grey,
+    the image mean), shifts and cutout fill with 0."""
+    ops = {op.strip() for op in policy.split(",") if op.strip()}
+    n, _, h, w = x.shape
+    rand = lambda: torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
+    if "color" in ops:
+        b = rand() - 0.5  # brightness: up to half way towards white or black
+        x = torch.where(b > 0, x + b * (1 - x), x * (1 + b))
+        x = x.mean(1, keepdim=True) + (x - x.mean(1, keepdim=True)) * rand()  # saturation in [0, 1]
+        x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.5 + 0.5 * rand())
+    if "translation" in ops:  # shift by up to 1/8 of the size, zero fill
+        sh, sw = h // 8, w // 8
+        dy = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device)
+        dx = torch.randint(-sw, sw + 1, (n, 1, 1), device=x.device)
+        rows = (torch.arange(h, device=x.device)[None, :, None] + dy + sh).expand(n, h, w)
+        cols = (torch.arange(w, device=x.device)[None, None, :] + dx + sw).expand(n, h, w)
+        padded = F.pad(x, (sw, sw, sh, sh))
+        x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if "cutout" in ops:  # zero one square of half the size, anywhere (partly off the edge)
+        ch, cw = h // 2, w // 2
+        top = torch.randint(0, h, (n, 1, 1), device=x.device) - ch // 2  # the centre is anywhere
+        left = torch.randint(0, w, (n, 1, 1), device=x.device) - cw // 2
+        ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+        inside = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
+        x = x * (~inside)[:, None].to(x.dtype)
+    return x
+
+
+class SharpTerms:
+    """The run's perceptual and adversarial terms (loss section of the config), built once per run. It holds
+    the frozen perceptual network and the discriminator with its own Adam and GradScaler: none of it is
+    part of the VAE, its optimizer or best.pt; state_dict() goes into last.pt so a resume is exact.
+
+    In a training step (x, x_hat in [0,1]; last_layer = model.decoder[-2].weight, the last transposed conv):
+
+        with autocast:
+            x_hat, mu, logvar = model(x, y)
+            recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
+            extra, logs = sharp.generator_terms(x, x_hat, recon, last_layer, step)
+            loss = recon + beta * kl + extra
+        ...backward and step the VAE as usual...
+        logs.update(sharp.discriminator_step(x, x_hat, step))
+
+    Logged values are detached 0-d tensors (no device sync until the caller reads them)."""
+
+    def __init__(self, cfg, device, steps_per_epoch, amp_dtype=None):
+        loss, device = cfg["loss"], torch.device(device)
+        self.device, self.amp_dtype = device, amp_dtype
+        self.perceptual_weight, self.adversarial_weight = loss["perceptual"], loss["adversarial"]
+        self.perceptual = build_perceptual(loss["perceptual_net"], cfg["data"]["image_size"]).to(device) \
+            if self.perceptual_weight > 0 else None
+        self.disc = self.disc_opt = None
+        if self.adversarial_weight > 0:
+            self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"]).to(device)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
+            self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.start_step = round(loss["adv_start"] * steps_per_epoch)
+        self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
+
+    @property
+    def enabled(self):
+        return self.perceptual is not None or self.disc is not None
+
+    def adversarial_on(self, step):
+        return self.disc is not None and step >= self.start_step
+
+    def augment(self, x):
+        return diff_augment(x, self.policy) if self.policy else x
+
+    def generator_terms(self, x, x_hat, rec_loss, last_layer, step):
+        """(weighted perceptual + adaptively weighted adversarial loss, logs) to add to the VAE's loss.
+        rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added)."""
+        extra, logs = torch.zeros((), device=x.device), {}
+        if self.perceptual is not None:
+            perc = self.perceptual(x_hat, x).mean()
+            extra = extra + self.perceptual_weight * perc
+            logs["perceptual"] = perc.detach()
+        if self.adversarial_on(step):
+            self.disc.requires_grad_(False)  # its weights are trained only by discriminator_step
+            g_loss = hinge_g_loss(self.disc(self.augment(x_hat)))
+            self.disc.requires_grad_(True)
+            weight = adaptive_adversarial_weight(rec_loss + extra, g_loss, last_layer, self.max_weight)
+            extra = extra + self.adversarial_weight * weight * g_loss
+            logs.update(adv_g_loss=g_loss.detach(), adv_weight=weight)
+        return extra, logs
+
+    def discriminator_step(self, x, x_hat, step):
+        """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat,
+        under the run's autocast; nothing before loss.adv_start. Returns logs."""
+        if not self.adversarial_on(step):
+            return {}
+        real = x.detach().float().requires_grad_(self.r1 > 0)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            real_logits = self.disc(self.augment(real))
+            fake_logits = self.disc(self.augment(x_hat.detach().float()))
+            loss = hinge_d_loss(real_logits, fake_logits)
+            logs = {"disc_loss": loss.detach()}
+            if self.r1 > 0:
+                scale = self.disc_scaler.get_scale() if self.disc_scaler.is_enabled() else 1.0
+                penalty = r1_penalty(real_logits, real, scale)
+                loss = loss + 0.5 * self.r1 * penalty
+                logs["disc_r1"] = penalty.detach()
+        self.disc_opt.zero_grad(set_to_none=True)
+        self.disc_scaler.scale(loss).backward()
+        self.disc_scaler.step(self.disc_opt)
+        self.disc_scaler.update()
+        logs.update(disc_real=real_logits.detach().float().mean(), disc_fake=fake_logits.detach().float().mean())
+        return logs
+
+    def state_dict(self):
+        """The discriminator, its optimizer and scaler for last.pt ({} without an adversarial term)."""
+        if self.disc is None:
+            return {}
+        return {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict(),
+                "disc_scaler": self.disc_scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        if bool(state) != (self.disc is not None):
+            raise CheckpointError("the checkpoint's discriminator does not match loss.adversarial "
+                                  f"({'saved' if state else 'none saved'}, {'on' if self.disc else 'off'} now): "
+                                  "resume with the loss settings the run started with")
+        if state:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+            self.disc_scaler.load_state_dict(state["disc_scaler"])
+
 # ----------------------------------------------------------------------------------------------------
 # evaluation
 
