@@ -235,35 +235,37 @@ def copy_params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_generator_steps_through_the_vae_lower_the_adversarial_term(tmp_path):
+def test_generator_steps_lower_the_adversarial_term(tmp_path):
     torch.manual_seed(0)
-    cfg = sharp_config(tmp_path, adversarial=0.5)
-    sharp = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=10)
-    model = run_vae.VAE(16, 8)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    x = disc_images(4)
+    sharp = run_vae.SharpTerms(sharp_config(tmp_path, adversarial=0.5), "cpu", steps_per_epoch=10)
+    decoder = nn.Sequential(nn.ConvTranspose2d(8, 3, 4, 2, 1), nn.Sigmoid())  # like the VAE's last layer
+    opt = torch.optim.Adam(decoder.parameters(), lr=0.05)
+    z, x = torch.randn(4, 8, 8, 8), disc_images(4)
     values = []
-    for step in range(8):  # the discriminator is held fixed: the decoder must learn to raise its logits
-        x_hat, mu, logvar = model(x)
-        recon, kl, _ = run_vae.vae_loss(x, x_hat, mu, logvar)
-        extra, logs = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, step)
-        assert torch.isfinite(extra) and extra.requires_grad
+    for step in range(6):  # the discriminator is held fixed: the decoder must learn to raise its logits
+        x_hat = decoder(z)
+        recon = F.mse_loss(x_hat, x, reduction="none").flatten(1).sum(1).mean()
+        extra, logs = sharp.generator_terms(x, x_hat, recon, decoder[0].weight, step)
+        assert torch.isfinite(extra) and extra.requires_grad and logs["adv_weight"] > 0
         opt.zero_grad()
         (extra / logs["adv_weight"]).backward()  # the term alone, at a fixed scale
         opt.step()
         values.append(logs["adv_g_loss"].item())
     assert values[-1] < values[0]
-    assert logs["adv_weight"] > 0 and all(p.grad is None for p in sharp.disc.parameters())
+    assert all(p.grad is None for p in sharp.disc.parameters())  # only discriminator_step trains it
 
 
-def test_terms_run_under_bf16_autocast_with_the_vae(tmp_path):
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_terms_run_under_autocast_with_the_vae(tmp_path, device, dtype):
     torch.manual_seed(0)
     cfg = sharp_config(tmp_path, adversarial=0.5, r1=1.0, diffaug="color,translation,cutout", perceptual=0.1,
                        perceptual_net="msssim" if not HAS_STLPIPS else "alex")
-    sharp = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=10, amp_dtype=torch.bfloat16)
-    model = run_vae.VAE(16, 8)
-    x = disc_images(4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    sharp = run_vae.SharpTerms(cfg, device, steps_per_epoch=10, amp_dtype=dtype)
+    model = run_vae.VAE(16, 8).to(device)
+    x = disc_images(4).to(device)
+    with torch.autocast(device, dtype=dtype):
         x_hat, mu, logvar = model(x)
         recon, kl, _ = run_vae.vae_loss(x, x_hat, mu, logvar)
         extra, logs = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, step=0)
@@ -301,3 +303,9 @@ def test_state_dict_round_trip_resumes_the_discriminator_exactly(tmp_path):
     off = run_vae.SharpTerms(run_vae.load_config(None, {"data": {"image_size": 16}}), "cpu", steps_per_epoch=10)
     with pytest.raises(run_vae.CheckpointError, match="loss.adversarial"):
         off.load_state_dict(a.state_dict())
+
+
+def test_step_cost_counts_the_extra_networks():
+    plain = run_vae.sharp_step_cost(None, image_size=16, batch_size=2, steps=1)
+    adversarial = run_vae.sharp_step_cost({"adversarial": 0.5, "disc_channels": 16}, image_size=16, batch_size=2, steps=1)
+    assert plain["seconds_per_image"] > 0 and adversarial["gflop_per_image"] > plain["gflop_per_image"] > 0
