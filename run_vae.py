@@ -652,8 +652,8 @@ def find_stlpips_weights(net):
         path = Path(folder) / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
         if path.is_file():
             return path
-    raise ConfigError("the perceptual network's weights are not installed: pip install --no-deps "
-                      "stlpips-pytorch==0.0.2 (make setup does this), or set loss.perceptual_net=msssim "
+    raise ConfigError("the perceptual network's weights are not installed: pip install stlpips-pytorch==0.0.2 "
+                      "(make setup does this), or set loss.perceptual_net=msssim "
                       "(no weights) or loss.perceptual=0")
 
 
@@ -847,9 +847,9 @@ def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=
 
 
 def diff_augment(x, policy="color,translation,cutout"):
-    """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): the same random transforms are
-    drawn for real and fake images before the discriminator, so it cannot memorise a small data set while
-    its gradients still reach the generator. `policy` is a comma-separated subset of color, translation,
+    """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): random transforms from one
+    distribution for real and fake images before the discriminator (in its step and the generator's), so
+    it cannot memorise a small data set while its gradients still reach the generator. `policy` is a comma-separated subset of color, translation,
     cutout. Each op keeps [0,1] images in [0,1]: colour changes are blends (towards black or white, grey,
     the image mean), shifts and cutout fill with 0."""
     ops = {op.strip() for op in policy.split(",") if op.strip()}
