@@ -113,9 +113,9 @@ def child_trainer(job, started):
     def recording_step(run, x, y, beta):
         if not first_step:
             first_step.append(time.time())
-        parts, grad_norm = train_step(run, x, y, beta)
-        losses.append(parts[1] + parts[2])  # recon + KL: comparable across beta schedules
-        return parts, grad_norm
+        out = train_step(run, x, y, beta)
+        losses.append(out[0][1] + out[0][2])  # recon + KL: comparable across beta schedules
+        return out
 
     run_vae.train_step = recording_step
     load_data = time.perf_counter()
