@@ -579,13 +579,17 @@ def data_url(image, px=56):
     return "data:image/png;base64," + base64.b64encode(png_bytes(enlarged(image, px))).decode()
 
 
-def show_sheet(rows, px, name, key, numbers=False, width=PAGE_WIDTH):
-    """Draw a sheet and offer it as a PNG. Returns its pixels (tests and scripts read exactly what is shown)."""
+def show_sheet(rows, px, name, key, numbers=False, width=PAGE_WIDTH, more=()):
+    """Draw a sheet and offer it as a PNG, beside the download buttons `more` (keyword arguments of each).
+    Returns its pixels (tests and scripts read exactly what is shown)."""
     sheet = tile_sheet(rows, px, width, numbers, st.session_state.get("per_row", "auto"))
     png = png_bytes(sheet)
     st.image(png, output_format="PNG")
-    st.download_button("PNG", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore",
-                       icon=":material/download:", help="This picture, as shown")
+    with st.container(horizontal=True):
+        st.download_button("PNG", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore",
+                           icon=":material/download:", help="This picture, as shown")
+        for button in more:
+            st.download_button(**button, on_click="ignore")
     return np.asarray(sheet)
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,18 +714,18 @@ def samples_section(models, zoom):
     with c[2]:
         temperature = temperature_slider("temperature")
     settings = {"n": n, "seed": seed, "temperature": temperature, "class": which}
+    archive = {"label": "ZIP: each sample + manifest", "data": lambda: samples_archive(models, settings),
+               "file_name": f"{samples_name(models[0], settings)}.zip", "mime": "application/zip",
+               "key": "download_zip", "icon": ":material/folder_zip:",
+               "help": "Each sample at the model's resolution, and manifest.json with the checkpoint's file and "
+                       "SHA-256, seed, temperature, class and prior, to make them again"}
     if len(models) == 1:
-        single_samples(models[0], settings, zoom, c[4])
+        single_samples(models[0], settings, zoom, c[4], archive)
     else:
-        compare_samples(models, settings, zoom)
-    st.download_button("ZIP: every sample as a PNG + manifest.json", lambda: samples_archive(models, settings),
-                       file_name=f"{samples_name(models[0], settings)}.zip", mime="application/zip",
-                       key="download_zip", on_click="ignore", icon=":material/folder_zip:",
-                       help="Each sample at the model's resolution, with the checkpoint's file and SHA-256, "
-                            "seed, temperature, class and prior, to make them again")
+        compare_samples(models, settings, zoom, archive)
 
 
-def single_samples(m, settings, zoom, picker_column):
+def single_samples(m, settings, zoom, picker_column, archive):
     rows = sample_rows(m, settings)
     px = tile_px(zoom, m.model.image_size)
     which = settings["class"]
@@ -736,7 +740,7 @@ def single_samples(m, settings, zoom, picker_column):
         enlarge_sample(m, rows, settings, picked)
     # kept so tests (and anyone scripting the app) can read exactly the pixels on screen
     st.session_state["samples_grid"] = show_sheet(rows, px, samples_name(m, settings), "download_samples",
-                                                  numbers=True)
+                                                  numbers=True, more=[archive])
 
 
 def enlarge_picker(rows):
@@ -774,57 +778,72 @@ def explore_sample(label, settings, class_name, index):
         st.session_state["latent_class"] = class_name
 
 
-def compare_samples(models, settings, zoom):
+def compare_rows(models, settings):
+    """The models' samples as rows of one sheet, the models of each class next to each other, so that the
+    same column is the same noise: rows labelled "<model number> · <class>". Unconditional models come last."""
+    names = list(dict.fromkeys(c for m in models if m.model.num_classes for c in m.classes))
+    which = settings["class"]
+    rows = []
+    for name in (names if which == EVERY_CLASS else [which]):
+        for number, m in enumerate(models, 1):
+            if m.model.num_classes and (name is None or name in m.classes):
+                images = prior_samples(m.model, settings["n"], settings["seed"], settings["temperature"],
+                                       m.classes.index(name))[0]
+                rows.append((f"{number} · {name}", images))
+    for number, m in enumerate(models, 1):
+        if not m.model.num_classes:
+            rows.append((f"{number} · any class" if which else f"{number}", sample_rows(m, settings)[0][1]))
+    return rows
+
+
+def compare_samples(models, settings, zoom, archive):
     px = tile_px(zoom, models[0].model.image_size)
     st.caption(f"The same seed ({settings['seed']}), temperature ({settings['temperature']:g}) and class for every "
-               f"model, each from its own prior: for models with the same latent size that is the same noise. "
-               f"All are drawn {px} px wide.")
-    per_row = min(len(models), 3)
-    grids = {}
-    for start in range(0, len(models), per_row):
-        for i, (m, column) in enumerate(zip(models[start:start + per_row], st.columns(per_row)), start):
-            with column:
-                st.markdown(f"**{m.label}**")
-                st.caption(f"{model_note(m)} · prior {m.meta['prior']}")
-                rows = sample_rows(m, settings)
-                if rows is None:
-                    st.info(f"This model has no class {settings['class']}.")
-                    continue
-                grids[m.path] = show_sheet(rows, px, samples_name(m, settings), f"download_samples_{i}",
-                                           width=PAGE_WIDTH // per_row - 24)
-    st.session_state["compare_grids"] = grids
-    st.markdown("**Metrics**, and each model's difference to the first")
-    st.dataframe(metrics_table(models), hide_index=True,
-                 column_config={c: st.column_config.NumberColumn(format="%.4g")
-                                for c in metrics_table(models).columns if c not in ("metric", "best")})
+               f"model, each from its own prior; a column is the same noise (for models of one latent size). "
+               f"All drawn {px} px wide. Rows are numbered by model:")
+    st.markdown("\n".join(f"{number}. **{m.label}** — {model_note(m)} · prior {m.meta['prior']}"
+                          for number, m in enumerate(models, 1)))
+    lacking = [f"{number}" for number, m in enumerate(models, 1)
+               if m.model.num_classes and settings["class"] not in (EVERY_CLASS, *m.classes)]
+    if lacking:
+        st.info(f"Model {', '.join(lacking)} has no class {settings['class']}.")
+    rows = compare_rows(models, settings)
+    st.session_state["compare_rows"] = rows
+    st.session_state["samples_grid"] = show_sheet(rows, px, f"compare_{samples_name(models[0], settings)}",
+                                                  "download_samples", numbers=True, more=[archive])
+    st.markdown("**Metrics**, and each model's difference to model 1")
+    table = metrics_table(models)
+    st.dataframe(table, hide_index=True, placeholder="–", column_config={
+        c: st.column_config.NumberColumn(format="%.4g") for c in table.columns if c not in ("metric", "best")})
 
 
 def metrics_table(models):
     """metric | each model | each other model minus the first | which is best (when the direction is known)."""
     keys = metric_keys([{"metrics": m.meta["metrics"]} for m in models])
-    first, rows = models[0], []
+    names = [f"{number}: {m.label}" for number, m in enumerate(models, 1)]
+    rows = []
     for k in keys:
         values = [m.meta["metrics"].get(k) for m in models]
-        row = {"metric": METRIC_NAMES.get(k, k), **{m.label: v for m, v in zip(models, values)}}
-        for m, v in zip(models[1:], values[1:]):
-            row[f"Δ {m.label}"] = None if v is None or values[0] is None else v - values[0]
+        row = {"metric": METRIC_NAMES.get(k, k), **dict(zip(names, values))}
+        for number, v in enumerate(values[1:], 2):
+            row[f"{number} − 1"] = None if v is None or values[0] is None else v - values[0]
         row["best"] = best_of(k, models, values)
         rows.append(row)
-    columns = ["metric", *(m.label for m in models), *(f"Δ {m.label}" for m in models[1:]), "best"]
+    columns = ["metric", *names, *(f"{number} − 1" for number in range(2, len(models) + 1)), "best"]
     return pd.DataFrame(rows, columns=columns)
 
 
 def best_of(key, models, values):
-    """Which model a metric favours: its label, "tie", "sizes differ" (nats per image of other image sizes do
+    """Which model a metric favours: its number, "tie", "sizes differ" (nats per image of other image sizes do
     not compare), or "" when higher is not simply better or worse."""
-    known = [(v, m.label) for m, v in zip(models, values) if v is not None]
-    if len(known) < 2 or key not in LOWER_IS_BETTER | HIGHER_IS_BETTER:
+    present = [v for v in values if v is not None]
+    if len(present) < 2 or key not in LOWER_IS_BETTER | HIGHER_IS_BETTER:
         return ""
     if key in SIZE_DEPENDENT and len({m.model.image_size for m in models}) > 1:
         return "sizes differ"
-    best = min(v for v, _ in known) if key in LOWER_IS_BETTER else max(v for v, _ in known)
-    winners = [label for v, label in known if v == best]
-    return winners[0] if len(winners) == 1 else "tie"
+    best = min(present) if key in LOWER_IS_BETTER else max(present)
+    winners = [number for number, v in enumerate(values, 1) if v == best]
+    return str(winners[0]) if len(winners) == 1 else "tie"
 
 
 def sha256_of(path):
@@ -990,7 +1009,10 @@ def pictures_section(models, zoom):
     if not names:
         return
     class_names = list(dict.fromkeys(c for m in models if m.model.num_classes for c in m.classes))
-    which = choice("Reconstruct as class", class_names, "upload_class") if class_names else None
+    which = None
+    if class_names:
+        with st.columns([1, 3])[0]:
+            which = choice("Reconstruct as class", class_names, "upload_class")
     rows = [("your picture", to_float(torch.stack(images)))]
     for m in models:
         if m.model.num_classes and which not in m.classes:

@@ -1,13 +1,18 @@
 """ui.py with Streamlit's AppTest, which runs the script in this process, against checkpoints of tiny training
 runs. tests/test_ui_browser.py opens the same app in headless Chromium."""
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pathlib
 import shutil
+import socket
+import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -364,17 +369,25 @@ def test_compare_models_side_by_side_with_their_metrics(runs, monkeypatch, tmp_p
     at = tick(at, paths.index(str(best / "tiny_cvae.pt")), paths.index(str(best / "twin.pt")),
               paths.index(str(best / "tiny_vae.pt")))
     assert_no_problems(at)
-    grids = at.session_state["compare_grids"]
-    assert len(grids) == 3
-    assert np.array_equal(grids[str(best / "tiny_cvae.pt")], grids[str(best / "twin.pt")])  # same seed, same draws
+    # one sheet: the models of each class in adjacent rows, so a column is the same noise in every model
+    rows = at.session_state["compare_rows"]
+    assert [label for label, _ in rows] == ["1 · Golden", "2 · Golden", "1 · Golden-Red", "2 · Golden-Red",
+                                            "1 · Red", "2 · Red", "3 · any class"]
+    assert all(torch.equal(rows[i][1], rows[i + 1][1]) for i in (0, 2, 4))  # the twin draws the same samples
+    assert not torch.equal(rows[0][1], rows[2][1])  # another class
+    legend = texts(at.markdown)
+    assert "1. **tiny_cvae · best · ep 1 · tiny_cvae.pt**" in legend and "2. **tiny_cvae · best · ep 1 · twin.pt**" \
+        in legend and "3. **tiny_vae · best · ep 1**" in legend
     table = at.dataframe[1].value
-    assert table.columns[0] == "metric" and table.columns[-1] == "best" and sum(c.startswith("Δ ") for c in
-                                                                              table.columns) == 2
+    assert list(table.columns) == ["metric", "1: tiny_cvae · best · ep 1 · tiny_cvae.pt",
+                                   "2: tiny_cvae · best · ep 1 · twin.pt", "3: tiny_vae · best · ep 1", "2 − 1",
+                                   "3 − 1", "best"]
     elbo = table[table["metric"] == "val −ELBO"].iloc[0]
-    twin, vae = (c for c in table.columns if c.startswith("Δ "))
-    assert elbo[twin] == 0 and np.isclose(elbo[vae], elbo.iloc[3] - elbo.iloc[1])
+    assert elbo["2 − 1"] == 0 and np.isclose(elbo["3 − 1"], elbo.iloc[3] - elbo.iloc[1])
+    assert elbo["best"] == ("3" if elbo.iloc[3] < elbo.iloc[1] else "tie")
     at.selectbox(key="sample_class").set_value("Red").run()  # the VAE has no classes: it still samples
-    assert len(at.session_state["compare_grids"]) == 3 and not at.exception
+    assert [label for label, _ in at.session_state["compare_rows"]] == ["1 · Red", "2 · Red", "3 · any class"]
+    assert not at.exception
     recon = open_tab(at, "Reconstructions").session_state["recon_grid"]
     assert (recon.shape[0] + 4) % (4 * 132) == 0  # each stretch has 4 rows: real, and one per model
 
@@ -493,3 +506,151 @@ def test_64_image_grid_at_64px_takes_well_under_a_second():
         ui.png_bytes(ui.tile_sheet([(None, rows[0])], ui.tile_px("auto", 64), numbers=True))
         times.append(time.perf_counter() - start)
     assert rows[0].shape == (64, 3, 64, 64) and min(times) < 1.0, times
+
+# ----------------------------------------------------------------------------------------------------
+# a real browser: `streamlit run ui.py` in headless Chromium, driven by selenium through chromedriver
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+try:
+    import selenium  # noqa: F401
+except ImportError:
+    selenium = None
+NO_BROWSER = ("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
+              ".ci/run installs them)" if not (CHROMIUM and CHROMEDRIVER) else
+              "selenium is not installed (pip install -r requirements.txt)" if selenium is None else "")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def streamlit_server(runs, log):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "ui.py", "--server.headless", "true",
+         "--browser.gatherUsageStats", "false", "--server.address", "127.0.0.1", "--server.port", str(port),
+         "--server.fileWatcherType", "none", "--", "--best-dir", str(runs / "best"), "--logs-dir",
+         str(runs / "logs"), "--cache-dir", str(runs / "ui_cache")],
+        cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"streamlit exited with code {server.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"streamlit did not answer on {url} within 60s:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def chromium(profile):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with both paths given, selenium looks nothing up online
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", f"--user-data-dir={profile}",
+                 "--window-size=1400,1400", "--force-device-scale-factor=1",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+# the page, read inside the browser: the pictures in the open tab, whether the script still runs, any error box
+PAGE_STATE = """
+const pictures = [...document.querySelectorAll('[data-testid="stImage"] img')];
+return {pictures: pictures.length, loaded: pictures.filter(i => i.complete && i.naturalWidth > 0).length,
+        running: !!document.querySelector('[data-testid="stStatusWidget"]'),
+        errors: document.querySelectorAll('[data-testid="stException"], [data-testid="stAlertContentError"]').length,
+        text: document.body.innerText};"""
+
+
+def wait_for_page(driver, pictures, timeout=60):
+    """Until the script has finished and `pictures` images are shown and loaded."""
+    deadline, state = time.monotonic() + timeout, {}
+    time.sleep(0.5)
+    while time.monotonic() < deadline:
+        state = driver.execute_script(PAGE_STATE)
+        if state["pictures"] >= pictures and state["loaded"] == state["pictures"] and not state["running"]:
+            return state
+        time.sleep(0.25)
+    pytest.fail(f"the page did not settle within {timeout}s: {dict(state, text=state.get('text', '')[:2000])}")
+
+
+def shown_picture(driver, index=0):
+    """(screenshot pixels of the index-th picture of the page, its natural size): what the user sees of it."""
+    picture = driver.find_elements("css selector", '[data-testid="stImage"] img')[index]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", picture)
+    time.sleep(0.3)
+    box = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.x, r.y, r.width, "
+                                "r.height, arguments[0].naturalWidth, arguments[0].naturalHeight]", picture)
+    x, y, w, h = (round(v) for v in box[:4])
+    shot = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
+    return shot[y:y + h, x:x + w], (box[4], box[5])
+
+
+@pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
+def test_browser_shows_large_grids_compares_models_and_takes_an_upload(runs, tmp_path):
+    log = tmp_path / "streamlit.log"
+    with streamlit_server(runs, log) as url:
+        driver = chromium(tmp_path / "profile")
+        try:
+            from selenium.webdriver.support.wait import WebDriverWait
+            # a 64-px model opened from the address: its grid is on screen pixel for pixel, each sample 2x
+            checkpoint = runs / "best/cvae64.pt"
+            driver.get(f"{url}/?model={urllib.parse.quote(str(checkpoint))}")
+            state = wait_for_page(driver, 1)
+            assert state["errors"] == 0 and "VAE explorer" in state["text"] and "cvae64" in state["text"]
+            seen, natural = shown_picture(driver)
+            driver.save_screenshot(str(tmp_path / "samples.png"))
+            expected = expected_samples(checkpoint, 6, 0, 1.0)
+            assert natural == (expected.shape[1], expected.shape[0]) and seen.shape == expected.shape
+            inner = (slice(12, -12), slice(12, -12))  # the picture's rounded corners aside
+            assert np.abs(seen[inner].astype(int) - expected[inner]).max() <= 2  # another process rounds floats
+            # two models ticked (through the address): their samples in adjacent rows, and their metrics
+            second = runs / "best/tiny_vae.pt"
+            driver.get(f"{url}/?model={urllib.parse.quote(str(checkpoint))}&model={urllib.parse.quote(str(second))}")
+            state = wait_for_page(driver, 1)
+            assert state["errors"] == 0 and state["pictures"] == 1
+            assert "cvae64 · best · ep 1" in state["text"] and "tiny_vae · best · ep 1" in state["text"]
+            assert len(driver.find_elements("css selector", '[data-testid="stDataFrame"]')) == 2  # and the metrics
+            seen, natural = shown_picture(driver)
+            driver.save_screenshot(str(tmp_path / "compare.png"))
+            assert seen.shape[:2] == natural[::-1] and (natural[1] + 4) % (18 + 4 * 132) == 0  # 3 classes + the VAE
+            # a picture dropped on the page is reconstructed
+            picture = tmp_path / "my apple.png"
+            picture.write_bytes(picture_bytes((170, 20, 30), size=80))
+            driver.get(f"{url}/?model={urllib.parse.quote(str(checkpoint))}&tab=Your+pictures")
+            WebDriverWait(driver, 60).until(lambda d: d.find_elements("css selector", 'input[type="file"]'))
+            driver.find_element("css selector", 'input[type="file"]').send_keys(str(picture))
+            state = wait_for_page(driver, 1)
+            driver.save_screenshot(str(tmp_path / "upload.png"))
+            assert state["errors"] == 0 and "`my apple.png`" not in state["text"] and "my apple.png" in state["text"]
+            seen, natural = shown_picture(driver)
+            assert natural[1] == 2 * 128 + 4 and seen.shape[0] == natural[1]  # picture above reconstruction
+            # nothing leaves the machine: no usage statistics, fonts or icons from the internet
+            events = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
+            urls = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+            urls += [e["params"]["url"] for e in events if e["method"] == "Network.webSocketCreated"]
+            local = ("data", "blob", "chrome", "chrome-untrusted", "about")  # the browser's own pages, no traffic
+            outside = [u for u in urls if urllib.parse.urlsplit(u).scheme not in local
+                       and urllib.parse.urlsplit(u).hostname != "127.0.0.1"]
+            assert urls and not outside, outside
+        finally:
+            driver.quit()
+        print(f"screenshots in {tmp_path}")
