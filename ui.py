@@ -59,11 +59,12 @@ LOWER_IS_BETTER = {"fid", "fd_eff", "kid", "val_neg_elbo", "val_bits_per_dim", "
                    "best_val_neg_elbo", "loss", "recon"}
 # widget values kept while their tab is hidden (a hidden tab's widgets are not drawn, and Streamlit would
 # forget them); the class pickers among them are reset when the models' classes change
-KEPT_WIDGETS = ("zoom", "sample_class", "per_class", "num_samples", "seed", "temperature", "enlarge",
-                "data_folder", "num_recon", "recon_seed", "held_out", "latent_model", "latent_from",
-                "latent_seed", "latent_index", "latent_class", "latent_walk", "upload_class", "interp_model",
-                "interp_mode", "interp_steps", "interp_slerp", "interp_temperature", "class_a", "class_b",
-                "interp_seed", *(f"{end}_{what}" for end in "ab" for what in ("from", "seed", "class", "upload")),
+KEPT_WIDGETS = ("zoom", "per_row", "sample_class", "per_class", "num_samples", "seed", "temperature", "enlarge",
+                "data_folder", "num_recon", "recon_seed", "held_out", "upload_class", "latent_model",
+                "latent_temperature", "latent_walk", "interp_model", "interp_mode", "interp_steps", "interp_slerp",
+                "interp_temperature", "class_a", "class_b", "interp_seed",
+                *(f"{point}_{what}" for point in ("a", "b", "latent")
+                  for what in ("from", "seed", "index", "class", "upload", "image_filter", "image_pick")),
                 *(f"axis_{i}" for i in range(NUM_AXES)))
 CLASS_WIDGETS = ("sample_class", "latent_class", "upload_class", "class_a", "class_b", "a_class", "b_class")
 TABS = ["Samples", "Reconstructions", "Your pictures", "Latent space", "Interpolation"]
@@ -157,8 +158,8 @@ def find_checkpoints(best_dir, logs_dir):
 
 
 def slug(text):
-    """A piece of a file name: letters, digits, dots and dashes."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-") or "x"
+    """A piece of a file name: letters, digits, dots, dashes and underscores."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
 
 # ----------------------------------------------------------------------------------------------------
 # the checkpoint table
@@ -1028,9 +1029,9 @@ def pictures_section(models, zoom):
     st.button("Forget my pictures", key="forget_pictures", on_click=lambda: pictures().clear())
 
 
-def image_picker(folder, m, key, label):
-    """Choose a data image by its thumbnail: a table of the folder's images (narrowed by name), one row ticked.
-    Returns the image's index in the folder, or None."""
+def image_picker(folder, m, key, label, last=False):
+    """Choose a data image by its thumbnail: a table of the folder's images (narrowed by name), one row ticked
+    (at first the top one, or with `last` the bottom one). Returns the image's index in the folder, or None."""
     remember(f"{key}_filter", "")
     text = st.text_input(f"{label}: find by name", key=f"{key}_filter", placeholder="part of a file or class name")
     usable = usable_images(folder, [m]).tolist()
@@ -1039,8 +1040,9 @@ def image_picker(folder, m, key, label):
         st.warning(f"No image of `{folder['root']}` has '{text}' in its name.")
         return None
     shown = matches[:100]
-    if st.session_state.get(f"{key}_shown") != shown:  # another list: tick its first row
-        st.session_state[f"{key}_pick"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    if st.session_state.get(f"{key}_shown") != shown:  # another list: tick its first (or last) row
+        rows = [len(shown) - 1 if last else 0]
+        st.session_state[f"{key}_pick"] = {"selection": {"rows": rows, "columns": [], "cells": []}}
         st.session_state[f"{key}_shown"] = shown
     images = folder["data"].images[shown]
     validation = set(folder["validation"].tolist()) if folder["validation"] is not None else set()
@@ -1100,14 +1102,14 @@ def pick_point(m, folder, key, title, temperature, default_seed=0, with_index=Fa
         if folder is None:
             st.info("Choose a data folder in the Reconstructions tab first.")
             return None
-        i = image_picker(folder, m, f"{key}_image", title)
+        i = image_picker(folder, m, f"{key}_image", title, last=key == "b")
         if i is None:
             st.info("Tick an image in the table.")
             return None
         images, labels = folder_images(folder, m, torch.tensor([i]))
         file = folder["data"].files[i]
         k = int(labels[0]) if class_names else None
-        return point_from_image(m, images[0], k, f"`{file}`", slug(Path(file).stem))
+        return point_from_image(m, images[0], k, f"`{file}`", slug(Path(file).with_suffix("")))
     names, images = read_pictures(m.model.image_size)
     if not names:
         st.info("Drop a picture on the *Your pictures* tab first.")
@@ -1248,8 +1250,13 @@ def class_ends(m, temperature):
 # the page
 
 
-PIXELATED = "<style>[data-testid='stImage'] img, [data-testid='stFullScreenFrame'] img " \
-            "{image-rendering: pixelated;}</style>"  # when the browser scales a picture, no smoothing either
+# when the browser scales a picture, no smoothing either; and fullscreen fills the screen (Streamlit's own
+# fullscreen shows a picture no larger than it is, and ours are drawn at their size already)
+PAGE_STYLE = """<style>
+[data-testid="stImage"] img {image-rendering: pixelated;}
+[data-testid="stImageContainer"]:has(img[style*="max-height"]) {width: 100%; height: 100%;}
+[data-testid="stImageContainer"] img[style*="max-height"] {width: 100%; height: 100%;}
+</style>"""
 
 
 def path_field():
@@ -1281,7 +1288,7 @@ def main():
     st.set_page_config(page_title="VAE explorer", layout="wide")  # no page_icon: a Material one is fetched from Google
     args, unknown, usage = parse_args(sys.argv[1:])
     keep_hidden_widgets()
-    st.html(PIXELATED)
+    st.html(PAGE_STYLE)
     st.title("VAE explorer")
     if unknown:
         st.warning(f"Ignoring unknown arguments `{' '.join(unknown)}`. Usage: `{usage}`")
