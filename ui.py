@@ -259,10 +259,10 @@ def choose_models(args):
     paths, mtimes = [p for p, _ in found], [m for _, m in found]
     if "chosen" not in st.session_state:
         st.session_state["chosen"] = first_choice(args, paths)
-    known = {Path(p).resolve() for p in paths}
+    by_file = {Path(p).resolve(): p for p in paths}  # the same file may be named relative or absolute
     for extra in [*st.session_state.get("extra_paths", []), *st.session_state["chosen"]]:
-        if extra and Path(extra).resolve() not in known:  # opened by path, outside the folders listed
-            known.add(Path(extra).resolve())
+        if extra and Path(extra).resolve() not in by_file:  # opened by path, outside the folders listed
+            by_file[Path(extra).resolve()] = extra
             paths.append(extra)
             mtimes.append(modification_time(extra))
     # a click in the table changes its selection; anything else (a file appearing) only moves rows around
@@ -271,7 +271,7 @@ def choose_models(args):
     if table_state is not None and list(table_state["selection"]["rows"]) != st.session_state.get("table_rows"):
         st.session_state["chosen"] = [shown_before[i] for i in table_state["selection"]["rows"]
                                       if i < len(shown_before)]
-    chosen = [p for p in st.session_state["chosen"] if p in paths]
+    chosen = list(dict.fromkeys(by_file[Path(p).resolve()] for p in st.session_state["chosen"] if p))
     rows = [paths.index(p) for p in chosen]
     st.session_state["checkpoint_table"] = {"selection": {"rows": rows, "columns": [], "cells": []}}
     st.session_state["table_rows"], st.session_state["table_paths"] = rows, paths
@@ -318,15 +318,6 @@ def load_model(path, mtime):
     meta["kind"] = ckpt.get("kind", "?")
     meta["prior"] = prior_description(ckpt)
     return model, meta
-
-
-@st.cache_data(max_entries=20, show_spinner="Hashing the checkpoint…")
-def file_sha256(path, mtime):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Opened:
@@ -381,8 +372,8 @@ def device_of(model):
 
 
 def prior_noise(n, latent_dim, seed, temperature=1.0):
-    """Standard normal noise, the same draws as VAE.sample and sample_grid make for this seed, so every view
-    agrees on what "sample i of seed s" is. VAE.prior_z maps it into the model's prior."""
+    """n rows of standard normal noise for a seed, drawn as VAE.sample draws them. VAE.prior_z maps noise into
+    the model's prior."""
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)) * temperature
 
 
@@ -1202,6 +1193,11 @@ def interpolation_section(models, folder, zoom):
             return
     else:
         a, b = class_ends(m, temperature)
+    show_interpolation(m, a, b, steps, temperature, spherical, tile_px(zoom, m.model.image_size))
+
+
+def show_interpolation(m, a, b, steps, temperature, spherical, px):
+    """The path from a to b as a strip (with the real images at the ends) and as a GIF."""
     eps = interpolate(a.eps, b.eps, steps, spherical)
     weights = None
     if m.model.num_classes:  # the label travels with the noise: A's class at one end, B's at the other
@@ -1209,12 +1205,13 @@ def interpolation_section(models, folder, zoom):
         weights = interpolate(eye[a.k], eye[b.k], steps, spherical=False)
     frames = list(decode_noise(m.model, eps, weights).cpu())
     row = ([a.real] if a.real is not None else []) + frames + ([b.real] if b.real is not None else [])
-    ends_note = " The real images stand at both ends, beside their reconstructions." if a.real is not None or \
-        b.real is not None else ""
-    st.caption(f"From {a.text} to {b.text}: {steps} steps, "
-               f"{'spherical' if spherical else 'straight'} in the prior's noise.{ends_note}")
+    if torch.equal(a.eps, b.eps):
+        how = "the same noise, only the class label moves"
+    else:
+        how = f"{'spherical' if spherical else 'straight'} in the prior's noise"
+    ends = " The real images stand at both ends, beside their reconstructions." if len(row) > steps else ""
+    st.caption(f"From {a.text} to {b.text}: {steps} steps, {how}.{ends}")
     name = interpolation_name(m, a, b, steps, temperature, spherical)
-    px = tile_px(zoom, m.model.image_size)
     left, right = st.columns([3, 1])
     with left:
         st.session_state["interp_strip"] = show_sheet([(None, row)], px, name, "download_interp",
