@@ -1,6 +1,6 @@
 # make demo    set up .venv if needed, train on the built-in demo data, then test the best model
 # make test    set up .venv if needed, run the test suite (CI runs exactly this)
-# make bench   set up .venv if needed, quick training-speed and FID-cost figures (a few minutes on a CPU)
+# make bench   set up .venv if needed, quick training-speed and FID-cost figures (minutes on a CPU)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
