@@ -2050,7 +2050,7 @@ def parse_args(argv=None):
     p.add_argument("--beta_warmup", type=int, help="shortcut for train.beta_warmup=N (epochs)")
     p.add_argument("--beta_cycle", type=int, help="shortcut for train.beta_cycle=N (epochs)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may stand before, between or after key=value overrides
     shortcuts = {"model.conditional": True if args.conditional else None, "model.latent_dim": args.latent_dim,
                  "train.beta_warmup": args.beta_warmup, "train.beta_cycle": args.beta_cycle}
     args.overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + args.overrides

@@ -5,12 +5,16 @@ optimisation steps on 16x16 images lower each term.
 """
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import run_vae
+from run_vae import load_checkpoint, train
+from conftest import tiny_config
+from test_training import assert_same_weights, interrupted_during_step
 
 HAS_STLPIPS = importlib.util.find_spec("stlpips_pytorch") is not None
 HAS_MSSSIM = importlib.util.find_spec("pytorch_msssim") is not None
@@ -309,3 +313,62 @@ def test_step_cost_counts_the_extra_networks():
     plain = run_vae.sharp_step_cost(None, image_size=16, batch_size=2, steps=1)
     adversarial = run_vae.sharp_step_cost({"adversarial": 0.5, "disc_channels": 16}, image_size=16, batch_size=2, steps=1)
     assert plain["seconds_per_image"] > 0 and adversarial["gflop_per_image"] > plain["gflop_per_image"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the terms inside run_vae.train()
+
+def first_and_last_third(run_dir, tag):
+    """Means of a logged training scalar over the first and the last third of the run's steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    values = [e.value for e in sorted(EventAccumulator(str(run_dir)).Reload().Scalars(tag), key=lambda e: e.step)]
+    third = len(values) // 3
+    return float(np.mean(values[:third])), float(np.mean(values[-third:]))
+
+
+@pytest.mark.skipif(not HAS_STLPIPS, reason="stlpips-pytorch is not installed (pip install -r requirements.txt)")
+def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3, "batch_size": 2, "log_every": 1},
+                      loss={"perceptual": 0.05})
+    summary = train(cfg)
+    first, last = first_and_last_third(summary["run_dir"], "train/perceptual")
+    assert last < 0.8 * first
+
+
+def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1},
+                      loss={"adversarial": 0.5, "adv_start": 1.0})
+    summary = train(cfg)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(summary["run_dir"]).Reload()
+    disc = acc.Scalars("train/disc_loss")
+    assert disc and min(e.step for e in disc) > 3  # epoch 1 (3 steps) trains the VAE alone
+    assert all(np.isfinite(e.value) for e in disc + acc.Scalars("train/adv_weight"))
+    last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert set(last["sharp"]) == {"disc", "disc_opt", "disc_scaler"}
+    best = load_checkpoint(summary["best_checkpoint"])
+    assert "sharp" not in best and not any(k.startswith("disc") for k in best["model"])
+    metrics = run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": summary["best_checkpoint"],
+                                            "out_dir": str(tmp_path / "test")}})
+    assert metrics["epoch"] == best["epoch"] and (tmp_path / "test/samples.png").is_file()
+
+
+def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder):
+    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1}
+    full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, loss=loss)
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, loss=loss)
+    train(full)
+    with pytest.raises(run_vae.StopRequested), interrupted_during_step(4):  # mid epoch 2, disc running
+        train(part)
+    train(part, resume=True)
+    a, b = (load_checkpoint(tmp_path / f"logs/{n}/last.pt") for n in ("full", "part"))
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["sharp"]["disc"], b["sharp"]["disc"])
+
+
+def test_resume_refuses_to_drop_the_discriminator(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2}, loss={"adversarial": 0.5, "adv_start": 0.0})
+    train(cfg, max_epochs=1)
+    plain = tiny_config(tmp_path, image_folder, train={"epochs": 2})
+    with pytest.raises(run_vae.ConfigError, match="discriminator"):
+        train(plain, resume=True)
