@@ -39,3 +39,15 @@ def test_loss_curve_comparison():
     a = [10.0, 8.0, 6.0, 5.0, 4.0, 4.0]
     assert bench_train.max_rel_diff(a, a, 2) == 0.0
     assert abs(bench_train.max_rel_diff([x * 1.01 for x in a], a, 2) - 0.01) < 1e-9
+
+
+def test_recipe_costs_count_the_extra_networks():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--recipes", "--json",
+                          "--image_size", "16", "--batch_size", "2", "--threads", "1", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fig = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(fig) == {"plain", "perceptual", "adversarial", "both"}
+    assert fig["plain"]["flops_vs_plain"] == 1.0
+    assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
+    assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
