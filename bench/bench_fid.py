@@ -109,7 +109,7 @@ def compare_precision(args, data_root):
     result = {"checkpoint": args.checkpoint, "data": data_root, "num_generated": args.num_samples,
               "num_real": scorers["fp32"].num_real, "device": str(device)}
     for precision, scorer in scorers.items():
-        scorer.timings = {}
+        scorer.timings.clear()
         result[f"fid_{precision}"] = scorer.score_images(images, labels)["fid"]
         result[f"images_per_s_{precision}"] = round(args.num_samples / scorer.timings["inception"], 2)
     result["relative_change"] = (result["fid_bf16"] - result["fid_fp32"]) / result["fid_fp32"]
