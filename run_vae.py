@@ -2107,7 +2107,8 @@ def end_epoch(run):
         with timed(run, "grids"):
             log_grids(run.writer, run.wandb_run, run.sampling_model, run.data.classes, eval_set, cfg, run.epoch,
                       run.device)
-    improved = run.best_key in metrics and metrics[run.best_key] < run.best["value"]
+    improved = run.best_key in metrics and (run.best["epoch"] is None or
+                                            run.best_sign * metrics[run.best_key] < run.best_sign * run.best["value"])
     run.batch_in_epoch, run.epoch_shuffle_state = 0, run.shuffle.get_state()
     run.epoch_sums.zero_()
     with timed(run, "checkpoints"):
@@ -2152,7 +2153,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     run = Run(cfg, fid_features)
-    run.best_key = "fid" if run.fid is not None else "val_neg_elbo"
+    run.best_key, lower_is_better = selection_metric(cfg)
+    run.best_sign = 1.0 if lower_is_better else -1.0  # compare sign * value, lower wins
     if resume:
         restore_run(run, load_checkpoint(paths.last))
     (paths.run_dir / "config.yaml").write_text(config_to_yaml(cfg))

@@ -280,3 +280,14 @@ def test_bf16_inception_runs_in_bf16_and_keeps_its_own_real_statistics(demo_imag
     a, b = fp32(demo_images[:3]), bf16(demo_images[:3])
     assert b.dtype == torch.float32 and not torch.equal(a, b)  # the convolutions really ran in bf16
     assert ((a - b).abs().mean() / a.abs().mean()).item() < 0.05
+
+
+def test_fid_select_picks_the_best_checkpoint_by_fd_eff(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(run_vae, "load_efficientnet", lambda device: second_features())
+    cfg = metric_config(tmp_path, image_folder, train={"epochs": 3}, fid={"every": 1, "select": "fd_eff"})
+    seen = []
+    summary = run_vae.train(cfg, report=lambda e, m, d: seen.append(m), fid_features=tiny_features())
+    best_epoch = min(range(3), key=lambda i: seen[i]["fd_eff"]) + 1
+    assert summary["best"] == {"value": pytest.approx(seen[best_epoch - 1]["fd_eff"]), "metric": "fd_eff",
+                               "epoch": best_epoch}
+    assert run_vae.load_checkpoint(summary["best_checkpoint"])["epoch"] == best_epoch
