@@ -952,6 +952,16 @@ def diff_augment(x, policy="color,translation,cutout"):
     return x
 
 
+# Named loss recipes (bench/quality.py --variants, bench/bench_train.py --recipes): the plain recipe is
+# every extra term off; the weights are the measured starting points of docs/results.md "Sharp samples".
+LOSS_RECIPES = {
+    "plain": {"perceptual": 0.0, "adversarial": 0.0},
+    "perceptual": {"perceptual": 0.05},
+    "adversarial": {"adversarial": 0.5},
+    "both": {"perceptual": 0.05, "adversarial": 0.5},
+}
+
+
 class SharpTerms:
     """The run's perceptual and adversarial terms (loss section of the config), built once per run. It holds
     the frozen perceptual network and the discriminator with its own Adam and GradScaler: none of it is

@@ -11,6 +11,7 @@ from conftest import ROOT, make_image_folder
 
 sys.path.insert(0, str(ROOT / "bench"))
 import quality  # noqa: E402
+import run_vae  # noqa: E402
 
 
 @pytest.fixture
@@ -68,3 +69,13 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
         quality.resolve_data("apples", str(tmp_path / "nowhere"))
     images = make_image_folder(tmp_path / "images", per_class=2)
     assert quality.resolve_data("impressionism", str(images)) == str(images)
+
+
+def test_the_loss_recipes_are_variants_and_configure_the_terms():
+    import quality
+    for name in ("plain", "perceptual", "adversarial", "both"):
+        cfg = run_vae.load_config(None, quality.VARIANTS[name])
+        assert {k: cfg["loss"][k] for k in run_vae.LOSS_RECIPES[name]} == run_vae.LOSS_RECIPES[name]
+    both = run_vae.load_config(None, quality.VARIANTS["both"])["loss"]
+    assert both["perceptual"] > 0 and both["adversarial"] > 0
+    assert run_vae.load_config(None, quality.VARIANTS["plain"])["loss"] == run_vae.DEFAULTS["loss"]
