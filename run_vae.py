@@ -726,6 +726,7 @@ def open_mapped_cache(raw, meta, size):
 
 def write_rows(raw, rows):
     """Write uint8 image tensors one after another into a raw file, atomically; one row in memory at a time."""
+    raw.parent.mkdir(parents=True, exist_ok=True)
     tmp = raw.with_name(f".{raw.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
