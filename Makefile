@@ -1,5 +1,6 @@
-# make demo   set up .venv if needed, train on the built-in demo data, then test the best model
-# make test   set up .venv if needed, run the test suite
+# make demo    set up .venv if needed, train on the built-in demo data, then test the best model
+# make test    set up .venv if needed, run the test suite (CI runs exactly this)
+# make bench   set up .venv if needed, quick training-speed and FID-cost figures (minutes on a CPU)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,6 +22,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the full runs and their options: docs/speed.md
+bench: setup
+	$(PY) bench/bench_train.py --quick
+	$(PY) bench/bench_fid.py --quick
 
 clean-demo:
 	rm -rf logs/demo best_models/demo.pt data_demo

@@ -56,8 +56,8 @@ def fail(message):
 
 
 def safe_name(name):
-    # byte-wise, so a non-ASCII character becomes one '_' per UTF-8 byte: that is how the reference
-    # folders are named, and it also copes with names that are not valid UTF-8 (surrogateescape)
+    # byte-wise, so a non-ASCII character becomes one '_' per UTF-8 byte: the names then match the data
+    # folders the project's results were measured on, and names that are not valid UTF-8 (surrogateescape) work too
     return UNSAFE_BYTES.sub(b"_", os.fsencode(name)).decode("ascii")
 
 

@@ -86,6 +86,25 @@ DEFAULTS = {
         "log_every": 10,          # steps between scalar logs (also the NaN check)
         "sample_every": 1,        # epochs between sample/reconstruction grids in TensorBoard
     },
+    "loss": {                     # extra terms for sharper images, added to recon + beta * KL; all off by default
+        "perceptual": 0.0,        # weight of the perceptual distance, 0 = off. Summed over pixel positions like
+                                  # recon (LPIPS x H*W: ~1700-2900 on 64 px images blurred to recon 85), its pixel
+                                  # gradient is ~40x recon's per unit weight (alex; vgg ~100-170x, msssim ~10-20x):
+                                  # 0.02-0.05 gives it about recon's pull
+        "perceptual_net": "alex", # alex | vgg: shift-tolerant LPIPS, weights shipped in stlpips-pytorch, trained on
+                                  # human judgements, not an evaluator's network (vgg: 5x alex's FLOPs) | msssim:
+                                  # 1 - MS-SSIM (SSIM under 64 px), no weights, nearly free
+        "adversarial": 0.0,       # weight of the patch discriminator's hinge loss, 0 = off; on top of an adaptive
+                                  # weight that gives it recon's gradient norm at the decoder's last layer (VQGAN)
+        "adv_start": 5.0,         # epochs before the discriminator starts (fractions allowed): the VAE learns first
+        "adv_weight_max": 1e4,    # clamp of the adaptive weight
+        "disc_lr": 2e-4,          # Adam (betas 0.5, 0.9) of the discriminator, constant
+        "disc_channels": 32,      # width of the discriminator's first layer, doubling per stride-2 layer; at 64 px
+                                  # 32 adds ~0.34 GFLOP per training image (+27% of the VAE's), 64 adds ~1.27
+        "diffaug": "color,translation,cutout",  # DiffAugment policy on real and fake before the discriminator
+                                  # (comma-separated subset; "" = off): stops it memorising a small data set
+        "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on)
+    },
     "fid": {
         "enabled": True,          # off: best checkpoint is chosen by validation negative ELBO
         "every": 0,               # epochs between FID evaluations (and the last epoch); 0 = auto: 5 on CPU, 1 on GPU
@@ -241,6 +260,13 @@ RANGES = {
     "test.samples_per_class": (1, None, True),
     "test.num_reconstructions": (1, None, True),
     "test.temperature": (0.0, None, False),
+    "loss.perceptual": (0.0, None, True),
+    "loss.adversarial": (0.0, None, True),
+    "loss.adv_start": (0.0, None, True),
+    "loss.adv_weight_max": (0.0, None, False),
+    "loss.disc_lr": (0.0, None, False),
+    "loss.disc_channels": (4, 513, True),
+    "loss.r1": (0.0, None, True),
 }
 CHOICES = {
     "run.mode": ("train", "test"),
@@ -249,6 +275,7 @@ CHOICES = {
     "fid.real_split": ("train", "val"),
     "model.prior": ("fitted", "standard"),
     "wandb.mode": ("online", "offline", "disabled"),
+    "loss.perceptual_net": ("alex", "vgg", "msssim"),
 }
 
 
@@ -275,6 +302,7 @@ def check_config(cfg):
         raise ConfigError(f"data.image_size must be a multiple of 16 (64, 128, ...), got {cfg['data']['image_size']}")
     for key in ("device_budget", "host_budget"):
         parse_budget(cfg["data"][key], f"data.{key}")
+    check_diffaug(cfg["loss"]["diffaug"])
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
         raise ConfigError(f"run.name must be a plain folder name, got {cfg['run']['name']!r}")
 
@@ -290,6 +318,16 @@ def parse_budget(value, key):
     if not (gib >= 0 and math.isfinite(gib)):
         raise ConfigError(f"{key} must be auto or a number of GiB (0 or more, e.g. 4 or 0.5), got {value!r}")
     return int(gib * 2 ** 30)
+
+
+DIFFAUG_OPS = ("color", "translation", "cutout")
+
+
+def check_diffaug(policy):
+    unknown = [op for op in policy.split(",") if op.strip() and op.strip() not in DIFFAUG_OPS]
+    if unknown:
+        raise ConfigError(f"loss.diffaug must be \"\" (off) or a comma-separated subset of {','.join(DIFFAUG_OPS)}, "
+                          f"got {policy!r}")
 
 
 def config_to_yaml(cfg):
@@ -539,6 +577,26 @@ def data_parallel(model, world, device):
     wrapper = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
     return model, wrapper
+
+
+def mean_over_ranks(tensor):
+    """A tensor averaged over the ranks of the torchrun group; itself in a run of one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()
+
+
+def average_gradients_over_ranks(module, world):
+    """Average a module's gradients over the ranks as each is accumulated, for a network trained beside the
+    VAE by its own optimizer (the discriminator): its updates, and so its weights, stay the same on every
+    rank. Unlike a DistributedDataParallel wrapper this allows several forward passes per backward and
+    passes whose gradients never reach it (the generator's, with its weights frozen)."""
+    if world.size == 1:
+        return
+    for p in module.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: p.grad.copy_(mean_over_ranks(p.grad)))
 
 
 def broadcast_prior(world, *models):
@@ -1094,6 +1152,385 @@ def beta_at(step, steps_per_epoch, beta, warmup_epochs=0, cycle_epochs=0):
     return beta
 
 # ----------------------------------------------------------------------------------------------------
+# perceptual and adversarial terms
+
+
+def find_stlpips_weights(net):
+    """The shift-tolerant LPIPS weights (alex | vgg) inside the installed stlpips-pytorch, found without
+    importing it: its code imports packages it does not declare, and only the weights are used here."""
+    import importlib.util
+    spec = importlib.util.find_spec("stlpips_pytorch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
+        if path.is_file():
+            return path
+    raise ConfigError("the perceptual network's weights are not installed: pip install stlpips-pytorch==0.0.2 "
+                      "(make setup does this), or set loss.perceptual_net=msssim "
+                      "(no weights) or loss.perceptual=0")
+
+
+class BlurPool(nn.Module):
+    """Anti-aliased subsampling: a fixed binomial low-pass filter ([1 2 1] outer [1 2 1], reflection padding
+    of 2 on each side) applied before keeping every second pixel, so features shift with the image instead
+    of flickering. The padding and filter are those the shipped weights were trained with."""
+
+    def __init__(self, channels):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (torch.outer(k, k) / 16).expand(channels, 1, 3, 3).clone())
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+def lpips_trunk_layers(net):
+    """The shift-tolerant trunk as (layers, slice boundaries): each slice ends at one of the five feature
+    maps the distance compares. Layer indices are those of the shipped state dict."""
+    if net == "alex":
+        layers = [nn.Conv2d(3, 64, 11, 1, 2), BlurPool(64), nn.ReLU(),
+                  nn.MaxPool2d(3, 1), BlurPool(64), nn.Conv2d(64, 192, 5, 1, 2), nn.ReLU(),
+                  nn.MaxPool2d(3, 1), BlurPool(192), nn.Conv2d(192, 384, 3, 1, 1), nn.ReLU(),
+                  nn.Conv2d(384, 256, 3, 1, 1), nn.ReLU(),
+                  nn.Conv2d(256, 256, 3, 1, 1), nn.ReLU()]
+        return layers, [0, 3, 7, 11, 13, 15]
+    layers, cin = [], 3  # VGG16's 13 convs; each 2x2 max pool runs at stride 1, then a BlurPool subsamples
+    for cout in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+        if cout == "M":
+            layers += [nn.MaxPool2d(2, 1), BlurPool(cin)]
+        else:
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1), nn.ReLU()]
+            cin = cout
+    return layers, [0, 4, 10, 18, 26, 34]
+
+
+class LinearHead(nn.Module):
+    """Learned non-negative weight per channel of one layer's squared feature difference (a 1x1 conv).
+    model[0] held dropout while the metric was trained; the index keeps the shipped state dict's names."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class PerceptualLoss(nn.Module):
+    """Shift-tolerant LPIPS (Ghildyal & Liu 2022; trunk and heads trained from scratch on the BAPPS
+    perceptual judgements, not an ImageNet classifier, so it is not one of our evaluators' feature spaces).
+
+    forward(x_hat, x) takes images in [0,1] and returns one distance per image: LPIPS (per layer, the
+    unit-normalised features' squared difference weighted by the learned head and averaged over
+    positions, summed over the 5 layers; 0 for identical images, ~0.1-0.7 in use) times H*W, the number
+    of pixel positions at the input size. The pixel loss sums over pixels too, so the ratio of the two
+    terms, and loss.perceptual's meaning, stay the same at any image size. Images under 64 px are
+    upsampled to 64 first (the metric was trained on 64 px patches, and its trunk needs that much room).
+    The network is frozen (eval, no gradients to its weights) and is no part of the VAE."""
+
+    MIN_SIZE = 64
+
+    def __init__(self, net="alex", weights=None):
+        super().__init__()
+        layers, bounds = lpips_trunk_layers(net)
+        self.net = nn.Module()
+        for i in range(5):
+            block = nn.Sequential()
+            for j in range(bounds[i], bounds[i + 1]):
+                block.add_module(str(j), layers[j])
+            self.net.add_module(f"slice{i + 1}", block)
+        widths = [64, 192, 384, 256, 256] if net == "alex" else [64, 128, 256, 512, 512]
+        for i, c in enumerate(widths):
+            self.add_module(f"lin{i}", LinearHead(c))
+        self.scaling_layer = nn.Module()  # the metric's fixed input normalisation, loaded with the weights
+        self.scaling_layer.register_buffer("shift", torch.zeros(1, 3, 1, 1))
+        self.scaling_layer.register_buffer("scale", torch.ones(1, 3, 1, 1))
+        path = weights or find_stlpips_weights(net)
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: model.train() on a parent must not switch it
+
+    def features(self, x):
+        if min(x.shape[-2:]) < self.MIN_SIZE:
+            x = F.interpolate(x, scale_factor=self.MIN_SIZE / min(x.shape[-2:]), mode="bilinear", align_corners=False)
+        h = ((2 * x - 1) - self.scaling_layer.shift) / self.scaling_layer.scale  # [0,1] -> the [-1,1] it expects
+        feats = []
+        for i in range(5):
+            h = getattr(self.net, f"slice{i + 1}")(h)
+            # unit length over channels, in float32: bf16's rounding would swamp small differences
+            feats.append(F.normalize(h.float(), dim=1, eps=1e-10))
+        return feats
+
+    def forward(self, x_hat, x):
+        with torch.no_grad():
+            target = self.features(x)
+        dist = 0
+        for i, (a, b) in enumerate(zip(self.features(x_hat), target)):
+            dist = dist + getattr(self, f"lin{i}")((a - b).pow(2)).float().mean((1, 2, 3))
+        return dist * (x.shape[-2] * x.shape[-1])
+
+
+class StructuralLoss(nn.Module):
+    """1 - MS-SSIM (pytorch-msssim; no weights), times H*W like PerceptualLoss.
+
+    MS-SSIM compares 5 scales, each half the size of the one before, and pytorch-msssim needs the image
+    side to exceed (window - 1) * 16. The rule: the largest odd Gaussian window up to the usual 11 that
+    fits (64 px: 3, 128 px: 7, 160 px and more: 11); images under 64 px, where only a window of 1 would fit,
+    use single-scale SSIM with a 7 px window instead. Computed in float32 outside autocast."""
+
+    def __init__(self, image_size):
+        super().__init__()
+        self.image_size = image_size
+        self.multiscale = image_size >= 64
+        fits = [w for w in (3, 5, 7, 9, 11) if (w - 1) * 16 < image_size]
+        self.window = max(fits) if self.multiscale else 7
+
+    def forward(self, x_hat, x):
+        import pytorch_msssim
+        with torch.autocast(x.device.type, enabled=False):
+            x_hat, x = x_hat.float(), x.float()
+            if self.multiscale:
+                sim = pytorch_msssim.ms_ssim(x_hat, x, data_range=1.0, size_average=False, win_size=self.window)
+            else:
+                sim = pytorch_msssim.ssim(x_hat, x, data_range=1.0, size_average=False, win_size=self.window)
+        return (1 - sim) * (x.shape[-2] * x.shape[-1])
+
+
+def build_perceptual(net, image_size):
+    """loss.perceptual_net -> a frozen module mapping (x_hat, x) in [0,1] to a per-image distance."""
+    if net == "msssim":
+        try:
+            import pytorch_msssim  # noqa: F401
+        except ImportError:
+            raise ConfigError("loss.perceptual_net=msssim needs pytorch-msssim: pip install pytorch-msssim==1.0.0 "
+                              "(make setup does this)") from None
+        return StructuralLoss(image_size)
+    return PerceptualLoss(net)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: stride-2 4x4 convs (widths c, 2c, 4c) with LeakyReLU, then a 3x3 conv to one logit per
+    patch. Spectral norm on every conv bounds its Lipschitz constant, so no normalisation layers. The
+    number of stride-2 convs follows the image size (16 px: 1, 32 px: 2, 64 px and up: 3), so each logit
+    sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond."""
+
+    def __init__(self, image_size, channels=64):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers, cin = [], 3
+        for i in range(min(3, int(math.log2(image_size)) - 3)):
+            cout = channels * 2 ** i
+            layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            cin = cout
+        self.net = nn.Sequential(*layers, sn(nn.Conv2d(cin, 1, 3, 1, 1)))
+
+    def forward(self, x):
+        return self.net(2 * x - 1)  # [0,1] images, centred
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """The discriminator's hinge loss: push real logits above 1 and fake ones below -1."""
+    return 0.5 * (F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean())
+
+
+def hinge_g_loss(fake_logits):
+    """The generator's side of the hinge GAN: raise the discriminator's logits on its images."""
+    return -fake_logits.float().mean()
+
+
+def r1_penalty(real_logits, real, grad_scale=1.0):
+    """E ||d logit / d real||^2 (Mescheder et al. 2018), per image summed over the logit map; `real` must
+    require grad. Under fp16 the logits are scaled by `grad_scale` first so the gradient cannot underflow."""
+    (grad,) = torch.autograd.grad(real_logits.float().sum() * grad_scale, real, create_graph=True)
+    return (grad.float() / grad_scale).pow(2).flatten(1).sum(1).mean()
+
+
+def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=1e4):
+    """VQGAN's balance: ||grad_W rec_loss|| / (||grad_W g_loss|| + 1e-4) at the decoder's last layer W,
+    clamped to [0, max_weight] and detached, so the adversarial gradient there is as large as the
+    reconstruction's (times loss.adversarial) whatever either loss's scale. 0 if a norm is not finite."""
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
+    # under torchrun, the gradients of the global batch: every rank weighs its share alike
+    rec_grad, g_grad = mean_over_ranks(rec_grad), mean_over_ranks(g_grad)
+    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
+    return weight.clamp(0, max_weight).detach()
+
+
+def diff_augment(x, policy="color,translation,cutout"):
+    """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): random transforms from one
+    distribution for real and fake images before the discriminator (in its step and the generator's), so
+    it cannot memorise a small data set while its gradients still reach the generator. `policy` is a comma-separated subset of color, translation,
+    cutout. Each op keeps [0,1] images in [0,1]: colour changes are blends (towards black or white, grey,
+    the image mean), shifts and cutout fill with 0."""
+    ops = {op.strip() for op in policy.split(",") if op.strip()}
+    n, _, h, w = x.shape
+    rand = lambda: torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
+    if "color" in ops:
+        b = rand() - 0.5  # brightness: up to half way towards white or black
+        x = torch.where(b > 0, x + b * (1 - x), x * (1 + b))
+        x = x.mean(1, keepdim=True) + (x - x.mean(1, keepdim=True)) * rand()  # saturation in [0, 1]
+        x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.5 + 0.5 * rand())
+    if "translation" in ops:  # shift by up to 1/8 of the size, zero fill
+        sh, sw = h // 8, w // 8
+        dy = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device)
+        dx = torch.randint(-sw, sw + 1, (n, 1, 1), device=x.device)
+        rows = (torch.arange(h, device=x.device)[None, :, None] + dy + sh).expand(n, h, w)
+        cols = (torch.arange(w, device=x.device)[None, None, :] + dx + sw).expand(n, h, w)
+        padded = F.pad(x, (sw, sw, sh, sh))
+        x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if "cutout" in ops:  # zero one square of half the size, anywhere (partly off the edge)
+        ch, cw = h // 2, w // 2
+        top = torch.randint(0, h, (n, 1, 1), device=x.device) - ch // 2  # the centre is anywhere
+        left = torch.randint(0, w, (n, 1, 1), device=x.device) - cw // 2
+        ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+        inside = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
+        x = x * (~inside)[:, None].to(x.dtype)
+    return x
+
+
+class SharpTerms:
+    """The run's perceptual and adversarial terms (loss section of the config), built once per run. It holds
+    the frozen perceptual network and the discriminator with its own Adam and GradScaler: none of it is
+    part of the VAE, its optimizer or best.pt; state_dict() goes into last.pt so a resume is exact.
+
+    In a training step (x, x_hat in [0,1]; last_layer = model.decoder[-2].weight, the last transposed conv):
+
+        with autocast:
+            x_hat, mu, logvar = model(x, y)
+            recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
+            extra, logs = sharp.generator_terms(x, x_hat, recon, last_layer, step)
+            loss = recon + beta * kl + extra
+        ...backward and step the VAE as usual...
+        logs.update(sharp.discriminator_step(x, x_hat, step))
+
+    Logged values are detached 0-d tensors (no device sync until the caller reads them)."""
+
+    def __init__(self, cfg, device, steps_per_epoch, amp_dtype=None):
+        loss, device = cfg["loss"], torch.device(device)
+        self.device, self.amp_dtype = device, amp_dtype
+        self.perceptual_weight, self.adversarial_weight = loss["perceptual"], loss["adversarial"]
+        self.perceptual = build_perceptual(loss["perceptual_net"], cfg["data"]["image_size"]).to(device) \
+            if self.perceptual_weight > 0 else None
+        self.disc = self.disc_opt = None
+        if self.adversarial_weight > 0:
+            self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"]).to(device)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
+            self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.start_step = round(loss["adv_start"] * steps_per_epoch)
+        self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
+
+    @property
+    def enabled(self):
+        return self.perceptual is not None or self.disc is not None
+
+    def adversarial_on(self, step):
+        return self.disc is not None and step >= self.start_step
+
+    def augment(self, x):
+        return diff_augment(x, self.policy) if self.policy else x
+
+    def generator_terms(self, x, x_hat, rec_loss, last_layer, step):
+        """(weighted perceptual + adaptively weighted adversarial loss, logs) to add to the VAE's loss.
+        rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added)."""
+        extra, logs = torch.zeros((), device=x.device), {}
+        if self.perceptual is not None:
+            perc = self.perceptual(x_hat, x).mean()
+            extra = extra + self.perceptual_weight * perc
+            logs["perceptual"] = perc.detach()
+        if self.adversarial_on(step):
+            self.disc.requires_grad_(False)  # its weights are trained only by discriminator_step
+            g_loss = hinge_g_loss(self.disc(self.augment(x_hat)))
+            self.disc.requires_grad_(True)
+            weight = adaptive_adversarial_weight(rec_loss + extra, g_loss, last_layer, self.max_weight)
+            extra = extra + self.adversarial_weight * weight * g_loss
+            logs.update(adv_g_loss=g_loss.detach(), adv_weight=weight)
+        return extra, logs
+
+    def discriminator_step(self, x, x_hat, step):
+        """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat,
+        under the run's autocast; nothing before loss.adv_start. Returns logs."""
+        if not self.adversarial_on(step):
+            return {}
+        real = x.detach().float().requires_grad_(self.r1 > 0)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            real_logits = self.disc(self.augment(real))
+            fake_logits = self.disc(self.augment(x_hat.detach().float()))
+            loss = hinge_d_loss(real_logits, fake_logits)
+            logs = {"disc_loss": loss.detach()}
+            if self.r1 > 0:
+                scale = self.disc_scaler.get_scale() if self.disc_scaler.is_enabled() else 1.0
+                penalty = r1_penalty(real_logits, real, scale)
+                loss = loss + 0.5 * self.r1 * penalty
+                logs["disc_r1"] = penalty.detach()
+        self.disc_opt.zero_grad(set_to_none=True)
+        self.disc_scaler.scale(loss).backward()
+        self.disc_scaler.step(self.disc_opt)
+        self.disc_scaler.update()
+        logs.update(disc_real=real_logits.detach().float().mean(), disc_fake=fake_logits.detach().float().mean())
+        return logs
+
+    def state_dict(self):
+        """The discriminator, its optimizer and scaler for last.pt ({} without an adversarial term)."""
+        if self.disc is None:
+            return {}
+        return {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict(),
+                "disc_scaler": self.disc_scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        if bool(state) != (self.disc is not None):
+            raise CheckpointError("the checkpoint's discriminator does not match loss.adversarial "
+                                  f"({'saved' if state else 'none saved'}, {'on' if self.disc else 'off'} now): "
+                                  "resume with the loss settings the run started with")
+        if state:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+            self.disc_scaler.load_state_dict(state["disc_scaler"])
+
+
+def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, steps=6, device="cpu"):
+    """Seconds and GFLOP (PyTorch's count, forward + backward) per image of one full training step of the
+    seed VAE (latent 128) with the loss section `loss` (e.g. {"perceptual": 0.1}; None = the plain step):
+    VAE forward and backward, Adam, and the discriminator's update. The median of `steps` timed steps after
+    one warm-up; compare against loss=None for the extra cost of a term (bench/ can call this)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = torch.device(device)
+    cfg = load_config(None, {"data": {"image_size": image_size}, "loss": {"adv_start": 0.0, **(loss or {})}})
+    torch.manual_seed(0)
+    model = build_model(cfg, 0).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    sharp = SharpTerms(cfg, device, steps_per_epoch=1, amp_dtype=amp_dtype)
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+
+    def step(i):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x_hat, mu, logvar = model(x)
+            recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
+            extra, _ = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, i)
+            total = recon + 0.5 * kl + extra
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sharp.discriminator_step(x, x_hat, i)
+
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    times = []
+    for i in range(1, steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"seconds_per_image": float(np.median(times)) / batch_size,
+            "gflop_per_image": counter.get_total_flops() / batch_size / 1e9}
+
+# ----------------------------------------------------------------------------------------------------
 # evaluation
 
 
@@ -1407,6 +1844,8 @@ def checkpoint_dict(run, kind, metrics):
             ck["rank_rng"] = run.rng_states
         if run.ema is not None:
             ck.update(raw_model=run.model.state_dict(), ema=run.ema.state_dict())
+        if run.sharp is not None:  # the discriminator and its optimizer: never part of best.pt
+            ck["sharp"] = run.sharp.state_dict()
     return ck
 
 
@@ -1610,6 +2049,10 @@ class Run:
         self.epoch_shuffle_state = self.shuffle.get_state()
         self.fid = (FIDScorer(cfg, self.data, train_idx, val_idx, self.device, fid_features)
                     if cfg["fid"]["enabled"] and self.world.is_main else None)  # rank 0 alone scores
+        sharp = SharpTerms(cfg, self.device, self.steps_per_epoch, self.amp_dtype)
+        self.sharp = sharp if sharp.enabled else None  # perceptual / adversarial terms (loss section)
+        if self.sharp is not None and self.sharp.disc is not None:
+            average_gradients_over_ranks(self.sharp.disc, self.world)
 
         self.epoch = self.step = self.batch_in_epoch = 0
         self.epoch_sums = torch.zeros(4, device=self.device)  # loss, recon, kl, steps: summed on device
@@ -1674,6 +2117,11 @@ def restore_run(run, ckpt):
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None and "ema" in ckpt:
         run.ema.load_state_dict(with_prior_buffers(run.ema.module, ckpt["ema"], prefix="module."))
+    if run.sharp is not None or ckpt.get("sharp"):
+        if run.sharp is None:
+            raise ConfigError(f"{run.paths.last} was trained with a discriminator (loss.adversarial > 0); "
+                              f"resume with the loss settings the run started with")
+        run.sharp.load_state_dict(ckpt.get("sharp", {}))
     run.epoch, run.step, run.batch_in_epoch, run.best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
     run.epoch_shuffle_state, run.prior_epoch = ckpt["shuffle_state"], ckpt.get("prior_epoch", 0)
     # older checkpoints lack the partial epoch's sums: its average then covers the steps run from here
@@ -1706,13 +2154,19 @@ def timed(run, part):
 
 
 def train_step(run, x, y, beta):
-    """One optimizer update on a batch. Returns (loss, recon, kl) detached on the device, and the gradient
-    norm before clipping (None when clipping is off)."""
+    """One optimizer update on a batch (and one of the discriminator, when on). Returns (loss, recon, kl)
+    detached on the device, the gradient norm before clipping (None when clipping is off) and the extra
+    terms' logged values (0-d tensors)."""
     t = run.cfg["train"]
+    extra_logs = {}
     with run.autocast():
         x_hat, mu, logvar = run.train_model(x, y)
-    recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
-    loss = recon + beta * kl
+        recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
+        loss = recon + beta * kl
+        if run.sharp is not None:
+            last_layer = run.model.decoder[-2].weight  # the adaptive weight balances gradients here
+            extra, extra_logs = run.sharp.generator_terms(x, x_hat, recon, last_layer, run.step)
+            loss = loss + extra
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     grad_norm = None
@@ -1724,7 +2178,9 @@ def train_step(run, x, y, beta):
     run.scheduler.step()
     if run.ema is not None:
         run.ema.update_parameters(run.model)
-    return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm
+    if run.sharp is not None:
+        extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step))
+    return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm, extra_logs
 
 
 def diverged(what, run, kept_epoch):
@@ -1738,9 +2194,10 @@ def diverged(what, run, kept_epoch):
     return TrainingDiverged(f"{what}; stopped. {kept}, or try train.grad_clip=100 or train.precision=fp32.")
 
 
-def log_step(run, parts, grad_norm, beta, seconds):
+def log_step(run, parts, grad_norm, extra_logs, beta, seconds):
     """Scalars every train.log_every steps; also where a non-finite loss stops the run."""
     values = dict(zip(("loss", "recon", "kl"), parts.tolist()))
+    values.update({k: float(v) for k, v in extra_logs.items()})
     if not all(math.isfinite(v) for v in values.values()):  # the ranks' average: all of them stop here
         error = diverged(f"loss became {values['loss']} at epoch {run.epoch + 1}, step {run.step}", run,
                          run.epoch if run.paths.last.is_file() else 0)
@@ -1778,15 +2235,18 @@ def train_epoch(run, stop):
             flip = torch.rand(len(x), device=run.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         beta = beta_at(run.step, run.steps_per_epoch, t["beta"], t["beta_warmup"], t["beta_cycle"])
-        parts, grad_norm = train_step(run, x, y, beta)
+        parts, grad_norm, extra_logs = train_step(run, x, y, beta)
         run.epoch_sums += torch.cat([parts.float(), parts.new_ones(1, dtype=torch.float32)])
         run.step += 1
         run.batch_in_epoch += 1
         stopping = stop["stop"] and world.size == 1
         if run.step % t["log_every"] == 0 or run.batch_in_epoch == len(batches):
-            parts, stopping = agree(world, parts, stop["stop"])
+            names = sorted(extra_logs)  # the extra terms' logs, averaged with the losses in one all-reduce
+            packed = torch.cat([parts.float(), *(extra_logs[k].float().reshape(1) for k in names)])
+            packed, stopping = agree(world, packed, stop["stop"])
+            parts, extra_logs = packed[:3], dict(zip(names, packed[3:]))
             now = time.time()
-            values = log_step(run, parts, grad_norm, beta, now - last_log)
+            values = log_step(run, parts, grad_norm, extra_logs, beta, now - last_log)
             last_log = now
             bar.set_postfix(loss=f"{values['loss']:.1f}", recon=f"{values['recon']:.1f}",
                             kl=f"{values['kl']:.1f}", beta=f"{beta:.3g}")
@@ -1964,7 +2424,8 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             if report is not None:
                 report(run.epoch, metrics, paths.run_dir)
             epochs_this_call += 1
-            if agree(world, run.epoch_sums[:0], stop["stop"])[1]:  # all ranks stop after the same epoch
+            stopping = agree(world, run.epoch_sums[:0], stop["stop"])[1]  # all ranks after the same epoch
+            if stopping and run.epoch < cfg["train"]["epochs"]:  # after the last epoch there is nothing to stop
                 stop_run(run)
             if max_epochs is not None and epochs_this_call >= max_epochs:
                 break
@@ -2127,7 +2588,7 @@ def parse_args(argv=None):
     p.add_argument("--beta_warmup", type=int, help="shortcut for train.beta_warmup=N (epochs)")
     p.add_argument("--beta_cycle", type=int, help="shortcut for train.beta_cycle=N (epochs)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may stand before, between or after key=value overrides
     shortcuts = {"model.conditional": True if args.conditional else None, "model.latent_dim": args.latent_dim,
                  "train.beta_warmup": args.beta_warmup, "train.beta_cycle": args.beta_cycle}
     args.overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + args.overrides

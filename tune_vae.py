@@ -293,7 +293,8 @@ def configure_ray_environment(local):
     """Environment Ray reads when it is imported or started: call before `import ray` (this file imports it lazily).
 
     No traffic may leave the machine in tests or CI, and none needs to for a local sweep. Checked with
-    `strace -f -e trace=connect` (docs_snippets/tune.md); the private HOME in start_ray() does the rest.
+    `strace -f -e trace=connect` (docs/tune.md, "No traffic leaves the machine"); the private HOME in start_ray()
+    does the rest.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports to usage-stats.ray.io
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # a single-user local cluster: no token warning

@@ -6,6 +6,7 @@ Training speed of run_vae.train, end to end, against the FLOP ceiling and a plai
     python bench/bench_train.py --json           # last line: one JSON object with the figures
     python bench/bench_train.py --quick --threads=1   # steadier ratios while other jobs share the CPU
     python bench/bench_train.py --data=my_images --image_size=128 --rounds=3
+    python bench/bench_train.py --recipes             # ~1 min: cost of a step with each loss recipe
     python bench/bench_train.py --quick --data_paths  # batches from host memory and from a memmap vs on the device
     python bench/bench_train.py --quick --ddp 1,2     # torchrun with 1 and 2 processes: scaling, all-reduce per step
 
@@ -122,9 +123,9 @@ def child_trainer(job, started):
     def recording_step(run, x, y, beta):
         if not first_step:
             first_step.append(time.time())
-        parts, grad_norm = train_step(run, x, y, beta)
-        losses.append(parts[1] + parts[2])  # recon + KL: comparable across beta schedules
-        return parts, grad_norm
+        out = train_step(run, x, y, beta)
+        losses.append(out[0][1] + out[0][2])  # recon + KL: comparable across beta schedules
+        return out
 
     run_vae.train_step = recording_step
     comm = watch_communication() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
@@ -560,6 +561,40 @@ def bench_ddp(args, processes):
     return fig
 
 
+# the loss recipes of bench/quality.py: what each extra network costs per training image
+RECIPES = {"plain": {}, "perceptual": {"perceptual": 0.05}, "adversarial": {"adversarial": 0.5},
+           "both": {"perceptual": 0.05, "adversarial": 0.5}}
+
+
+def bench_recipes(args):
+    """Seconds and GFLOP per image of one training step with each recipe (run_vae.sharp_step_cost), the
+    recipes interleaved over rounds so the ratios to the plain step come from the same minutes."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = run_vae.pick_device(args.device)
+    amp = run_vae.pick_precision("auto", device)
+    seconds = {name: [] for name in RECIPES}
+    flops = {}
+    for r in range(args.rounds):
+        for name in (RECIPES if r % 2 == 0 else list(RECIPES)[::-1]):
+            cost = run_vae.sharp_step_cost(RECIPES[name], args.image_size, args.batch_size, amp, device=device)
+            seconds[name].append(cost["seconds_per_image"])
+            flops[name] = cost["gflop_per_image"]
+    plain = statistics.median(seconds["plain"])
+    fig = {name: {"seconds_per_image": statistics.median(v), "vs_plain": statistics.median(v) / plain,
+                  "gflop_per_image": flops[name], "flops_vs_plain": flops[name] / flops["plain"]}
+           for name, v in seconds.items()}
+    lines = [f"one training step per recipe: {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+             f"{device}, {torch.get_num_threads()} thread(s), precision {amp or 'fp32'}"]
+    lines += [f"{name:<12} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
+              f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  ({RECIPES[name] or 'no extra terms'})"
+              for name, f in fig.items()]
+    log(args, "\n".join(lines))
+    if args.json:
+        print(json.dumps(fig))
+    return fig
+
+
 def log(args, text):
     print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
@@ -624,6 +659,8 @@ def main(argv=None):
                    help="torch threads for every run (0 = torch's default). On a busy machine 1 gives steadier "
                         "ratios: a preempted OpenMP thread stalls the other at every barrier")
     p.add_argument("--quick", action="store_true", help="320 images per class")
+    p.add_argument("--recipes", action="store_true", help="only the step cost of each loss recipe (plain, "
+                                                          "perceptual, adversarial, both)")
     p.add_argument("--json", action="store_true", help="figures as one JSON object on the last line")
     p.add_argument("--data_paths", action="store_true",
                    help="instead: batches from the device, host memory and the memmap (data.*_budget)")
@@ -641,6 +678,9 @@ def main(argv=None):
     if args.quick:
         args.subset = args.subset or 320
     args.baseline_workers = [int(w) for w in args.baseline_workers.split(",")]
+    if args.recipes:
+        bench_recipes(args)
+        return 0
     fig = {}
     if args.data_paths:
         fig.update(data_paths=bench_data_paths(args))

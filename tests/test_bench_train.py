@@ -63,3 +63,15 @@ def test_data_paths_and_ddp_figures(tmp_path):
 def test_overlapping_all_reduces_count_once():
     assert bench_train.union_length([(0.0, 1.0), (0.5, 2.0), (3.0, 3.5)]) == 2.5
     assert bench_train.union_length([(1.0, 2.0), (0.0, 3.0)]) == 3.0 and bench_train.union_length([]) == 0.0
+
+
+def test_recipe_costs_count_the_extra_networks():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--recipes", "--json",
+                          "--image_size", "16", "--batch_size", "2", "--threads", "1", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fig = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(fig) == {"plain", "perceptual", "adversarial", "both"}
+    assert fig["plain"]["flops_vs_plain"] == 1.0
+    assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
+    assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]

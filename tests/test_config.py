@@ -49,7 +49,7 @@ def test_unknown_section_is_an_error(tmp_path):
     ("train.lr=abc", "train.lr must be float"),
     ("train.precision=fp8", "train.precision must be one of"),
     ("data.image_size=50", "multiple of 16"),
-    ("train.lr_warmup=-1", "train.lr_warmup must be 0"),
+    ("train.lr_warmup=-1", "train.lr_warmup must be at least 0"),
     ("epochs=3", "section.key=value"),
 ])
 def test_wrong_values_are_errors(override, expected):

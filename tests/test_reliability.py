@@ -242,3 +242,8 @@ def test_config_is_optional_on_the_command_line(tmp_path, monkeypatch):
     code = run_vae.main([f"data.root={images}", "data.image_size=16", "model.latent_dim=8", "train.epochs=1",
                          "fid.enabled=false"])
     assert code == 0 and (tmp_path / "best_models/vae.pt").is_file()
+
+
+def test_flags_and_overrides_mix_in_any_order():
+    args = run_vae.parse_args(["data.root=x", "--conditional", "run.name=y", "--resume"])
+    assert args.resume and args.overrides == ["model.conditional=True", "data.root=x", "run.name=y"]

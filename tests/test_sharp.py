@@ -1,0 +1,374 @@
+"""The perceptual and adversarial building blocks: values, gradients, config checks, and that a few
+optimisation steps on 16x16 images lower each term.
+
+    .venv/bin/python -m pytest -q tests/test_sharp.py
+"""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import run_vae
+from run_vae import load_checkpoint, train
+from conftest import tiny_config
+from test_training import assert_same_weights, interrupted_during_step
+
+HAS_STLPIPS = importlib.util.find_spec("stlpips_pytorch") is not None
+HAS_MSSSIM = importlib.util.find_spec("pytorch_msssim") is not None
+needs_stlpips = pytest.mark.skipif(not HAS_STLPIPS, reason="stlpips-pytorch (the LPIPS weights) is not installed")
+needs_msssim = pytest.mark.skipif(not HAS_MSSSIM, reason="pytorch-msssim is not installed")
+
+
+def disc_images(n=4, size=16, seed=0):
+    """Coloured discs on a coloured background: edges for a perceptual metric to see."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = []
+    for _ in range(n):
+        cx, cy, r = (torch.rand(3, generator=g) * torch.tensor([0.4, 0.4, 0.2]) + torch.tensor([0.3, 0.3, 0.2])) * size
+        inside = ((xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2).float()
+        fg, bg = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+        images.append(inside * fg + (1 - inside) * bg)
+    return torch.stack(images)
+
+
+def blur(x, k):
+    return F.avg_pool2d(F.pad(x, (k // 2,) * 4, mode="reflect"), k, 1)
+
+
+@pytest.mark.parametrize("net, size", [pytest.param("alex", 16, marks=needs_stlpips),
+                                       pytest.param("alex", 64, marks=needs_stlpips),
+                                       pytest.param("vgg", 16, marks=needs_stlpips),
+                                       pytest.param("msssim", 16, marks=needs_msssim),
+                                       pytest.param("msssim", 64, marks=needs_msssim)])
+def test_perceptual_distance_is_zero_for_identical_images_and_grows_with_blur(net, size):
+    dist = run_vae.build_perceptual(net, size)
+    x = disc_images(size=size)
+    same = dist(x.clone(), x)
+    assert same.shape == (4,) and torch.all(same.abs() < 1e-6)
+    mild, strong = dist(blur(x, 3), x), dist(blur(x, 7), x)
+    assert torch.all(mild > 0) and torch.all(strong > mild)
+    noisy = dist((x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1), x)
+    assert torch.all(noisy > 0)
+
+
+@pytest.mark.parametrize("net", [pytest.param("alex", marks=needs_stlpips), pytest.param("msssim", marks=needs_msssim)])
+def test_perceptual_gradient_is_finite_and_nonzero_only_for_different_images(net):
+    dist = run_vae.build_perceptual(net, 16)
+    x = disc_images()
+    grads = []
+    for x_hat in (x.clone(), blur(x, 3)):
+        x_hat.requires_grad_(True)
+        dist(x_hat, x).sum().backward()
+        assert torch.isfinite(x_hat.grad).all()
+        grads.append(x_hat.grad.abs().max())
+    assert grads[1] > 1e-2 and grads[0] < 1e-3 * grads[1]  # a minimum at x_hat = x (MS-SSIM's only up to rounding)
+    assert not any(p.requires_grad for p in dist.parameters())  # frozen: nothing of it is trained
+
+
+@needs_stlpips
+@pytest.mark.parametrize("net, params", [("alex", 2_473_734), ("vgg", 14_724_806)])
+def test_shipped_lpips_weights_load_offline_into_our_module(net, params, monkeypatch):
+    monkeypatch.setattr("socket.socket.connect", lambda *a: (_ for _ in ()).throw(OSError("network is off")))
+    path = run_vae.find_stlpips_weights(net)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert sum(v.numel() for v in state.values()) == params
+    dist = run_vae.PerceptualLoss(net)  # strict load: every shipped tensor has its place, nothing is left random
+    assert torch.equal(dist.lin0.model[1].weight, state["lin0.model.1.weight"])
+    assert torch.all(state["lin4.model.1.weight"] >= 0)  # learned per-channel weights, not uniform
+    dist.train()
+    assert not dist.training  # stays in eval mode inside a model switched to training
+
+
+def test_missing_lpips_package_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(run_vae.ConfigError, match="stlpips-pytorch"):
+        run_vae.find_stlpips_weights("alex")
+
+
+@needs_msssim
+@pytest.mark.parametrize("size, multiscale, window", [(16, False, 7), (32, False, 7), (64, True, 3),
+                                                       (128, True, 7), (256, True, 11)])
+def test_structural_loss_picks_scales_and_window_by_image_size(size, multiscale, window):
+    loss = run_vae.StructuralLoss(size)
+    assert (loss.multiscale, loss.window) == (multiscale, window)
+    x = disc_images(2, size)
+    assert torch.all(loss(blur(x, 3), x) > 0)
+
+
+@pytest.mark.parametrize("net", [pytest.param("alex", marks=needs_stlpips), pytest.param("msssim", marks=needs_msssim)])
+def test_a_few_steps_on_the_perceptual_term_lower_it(net):
+    torch.manual_seed(0)
+    target = disc_images(2, 16)
+    decoder = nn.Sequential(nn.ConvTranspose2d(8, 3, 4, 2, 1), nn.Sigmoid())  # like the VAE's last layer
+    z = torch.randn(2, 8, 8, 8)
+    dist = run_vae.build_perceptual(net, 16)
+    opt = torch.optim.Adam(decoder.parameters(), lr=0.05)
+    losses = []
+    for _ in range(6):
+        loss = dist(decoder(z), target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"perceptual": -0.1}, "loss.perceptual"), ({"perceptual_net": "inception"}, "loss.perceptual_net"),
+    ({"adversarial": -1.0}, "loss.adversarial"), ({"adv_start": -1.0}, "loss.adv_start"),
+    ({"adv_weight_max": 0.0}, "loss.adv_weight_max"), ({"disc_lr": 0.0}, "loss.disc_lr"),
+    ({"disc_channels": 1}, "loss.disc_channels"), ({"diffaug": "color,flip"}, "loss.diffaug"),
+    ({"r1": -1.0}, "loss.r1")])
+def test_bad_loss_config_is_a_config_error(bad, match):
+    with pytest.raises(run_vae.ConfigError, match=match):
+        run_vae.load_config(None, {"loss": bad})
+
+
+def test_loss_terms_are_off_by_default():
+    loss = run_vae.DEFAULTS["loss"]
+    assert loss["perceptual"] == 0 and loss["adversarial"] == 0
+
+
+def test_adaptive_weight_matches_a_hand_computation():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False)  # out = W z
+    z, target, v = torch.randn(5, 3), torch.randn(5, 2), torch.randn(5, 2)
+    out = layer(z)
+    rec = (out - target).pow(2).sum()
+    g = -(v * out).mean()
+    W = layer.weight.detach()
+    rec_grad = 2 * (z @ W.T - target).T @ z  # d/dW sum (Wz - t)^2
+    g_grad = -(v.T @ z) / v.numel()          # d/dW -mean(v . Wz)
+    expected = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    weight = run_vae.adaptive_adversarial_weight(rec, g, layer.weight, max_weight=1e4)
+    assert torch.allclose(weight, expected, rtol=1e-5) and not weight.requires_grad
+    assert run_vae.adaptive_adversarial_weight(rec, g, layer.weight, max_weight=0.5) == 0.5  # clamped
+    nan_rec = rec * float("nan")
+    assert run_vae.adaptive_adversarial_weight(nan_rec, g, layer.weight) == 0  # never a NaN into the loss
+
+
+def test_hinge_losses_on_known_logits():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
+    # real: relu(1 - r) = 0, 0.5, 2 (mean 5/6); fake: relu(1 + f) = 0, 1, 2.5 (mean 7/6)
+    assert run_vae.hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 7 / 6))
+    assert run_vae.hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)).item() == 0  # confident: no loss
+    assert run_vae.hinge_g_loss(fake).item() == pytest.approx(1 / 6)
+
+
+def test_r1_penalty_is_the_squared_gradient_norm():
+    w = torch.randn(3, 4, 4)
+    real = torch.rand(2, 3, 4, 4, requires_grad=True)
+    logits = (real * w).sum((1, 2, 3))  # d logit / d real = w for every image
+    assert run_vae.r1_penalty(logits, real).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+    logits = (real * w).sum((1, 2, 3))
+    assert run_vae.r1_penalty(logits, real, grad_scale=1024.0).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+def test_diff_augment_keeps_shape_and_range_and_passes_gradients(policy):
+    torch.manual_seed(0)
+    x = disc_images(8, 16).requires_grad_(True)
+    y = run_vae.diff_augment(x, policy)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert not torch.allclose(y, x)  # it did something
+    (y * torch.rand_like(y)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert run_vae.diff_augment(x, "") is x
+
+
+def test_diff_augment_translation_shifts_whole_images_with_zero_fill():
+    torch.manual_seed(1)
+    x = torch.rand(6, 3, 16, 16) * 0.9 + 0.1  # no zeros of its own
+    y = run_vae.diff_augment(x, "translation")
+    for xi, yi in zip(x, y):
+        shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                  if torch.equal(yi, F.pad(xi, (2, 2, 2, 2))[:, 2 + dy:18 + dy, 2 + dx:18 + dx])]
+        assert len(shifts) == 1
+
+
+def test_diff_augment_cutout_zeroes_at_most_a_quarter():
+    torch.manual_seed(2)
+    x = torch.rand(16, 3, 16, 16) * 0.9 + 0.1
+    zeroed = (run_vae.diff_augment(x, "cutout") == 0).all(1).float().mean((1, 2))
+    assert torch.all(zeroed <= 0.25) and torch.all(zeroed > 0)  # the square may hang over the edge
+
+
+@pytest.mark.parametrize("size, grid", [(16, 8), (32, 8), (64, 8), (128, 16)])
+def test_discriminator_gives_a_logit_map_and_is_spectrally_normalised(size, grid):
+    torch.manual_seed(0)
+    disc = run_vae.PatchDiscriminator(size, channels=8)
+    for _ in range(20):  # power iterations converge in training mode
+        logits = disc(torch.rand(2, 3, size, size))
+    assert logits.shape == (2, 1, grid, grid)
+    conv = disc.net[0]
+    sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+    assert sigma.item() == pytest.approx(1.0, abs=0.05)
+
+
+def sharp_config(tmp_path, **loss):
+    values = {"adv_start": 0.0, "diffaug": "", "disc_channels": 8, "disc_lr": 1e-3}
+    values.update(loss)
+    return run_vae.load_config(None, {"data": {"image_size": 16, "root": str(tmp_path)}, "loss": values})
+
+
+def test_sharp_terms_are_nothing_when_off(tmp_path):
+    sharp = run_vae.SharpTerms(run_vae.load_config(None, {"data": {"image_size": 16}}), "cpu", steps_per_epoch=10)
+    x = disc_images()
+    extra, logs = sharp.generator_terms(x, x, torch.tensor(1.0), None, step=100)
+    assert not sharp.enabled and extra.item() == 0 and logs == {}
+    assert sharp.discriminator_step(x, x, step=100) == {} and sharp.state_dict() == {}
+
+
+def test_discriminator_steps_lower_its_loss_and_wait_for_adv_start(tmp_path):
+    torch.manual_seed(0)
+    cfg = sharp_config(tmp_path, adversarial=0.1, adv_start=0.5, disc_lr=1e-2)
+    sharp = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=10)
+    real, fake = disc_images(8), torch.rand(8, 3, 16, 16)
+    before = copy_params(sharp.disc)
+    assert sharp.discriminator_step(real, fake, step=4) == {}  # adv_start 0.5 epochs = step 5
+    assert all(torch.equal(a, b) for a, b in zip(before, copy_params(sharp.disc)))
+    losses = [sharp.discriminator_step(real, fake, step=5 + i)["disc_loss"].item() for i in range(15)]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def copy_params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_generator_steps_lower_the_adversarial_term(tmp_path):
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(sharp_config(tmp_path, adversarial=0.5), "cpu", steps_per_epoch=10)
+    decoder = nn.Sequential(nn.ConvTranspose2d(8, 3, 4, 2, 1), nn.Sigmoid())  # like the VAE's last layer
+    opt = torch.optim.Adam(decoder.parameters(), lr=0.05)
+    z, x = torch.randn(4, 8, 8, 8), disc_images(4)
+    values = []
+    for step in range(6):  # the discriminator is held fixed: the decoder must learn to raise its logits
+        x_hat = decoder(z)
+        recon = F.mse_loss(x_hat, x, reduction="none").flatten(1).sum(1).mean()
+        extra, logs = sharp.generator_terms(x, x_hat, recon, decoder[0].weight, step)
+        assert torch.isfinite(extra) and extra.requires_grad and logs["adv_weight"] > 0
+        opt.zero_grad()
+        (extra / logs["adv_weight"]).backward()  # the term alone, at a fixed scale
+        opt.step()
+        values.append(logs["adv_g_loss"].item())
+    assert values[-1] < values[0]
+    assert all(p.grad is None for p in sharp.disc.parameters())  # only discriminator_step trains it
+
+
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_terms_run_under_autocast_with_the_vae(tmp_path, device, dtype):
+    torch.manual_seed(0)
+    cfg = sharp_config(tmp_path, adversarial=0.5, r1=1.0, diffaug="color,translation,cutout", perceptual=0.1,
+                       perceptual_net="msssim" if not HAS_STLPIPS else "alex")
+    sharp = run_vae.SharpTerms(cfg, device, steps_per_epoch=10, amp_dtype=dtype)
+    model = run_vae.VAE(16, 8).to(device)
+    x = disc_images(4).to(device)
+    with torch.autocast(device, dtype=dtype):
+        x_hat, mu, logvar = model(x)
+        recon, kl, _ = run_vae.vae_loss(x, x_hat, mu, logvar)
+        extra, logs = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, step=0)
+        loss = recon + kl + extra
+    loss.backward()
+    logs.update(sharp.discriminator_step(x, x_hat, step=0))
+    assert set(logs) == {"perceptual", "adv_g_loss", "adv_weight", "disc_loss", "disc_r1", "disc_real", "disc_fake"}
+    assert all(torch.isfinite(v) for v in logs.values())
+    assert torch.isfinite(model.decoder[-2].weight.grad).all()
+
+
+def test_state_dict_round_trip_resumes_the_discriminator_exactly(tmp_path):
+    import io
+    cfg = sharp_config(tmp_path, adversarial=0.5, r1=0.5, diffaug="color,translation")
+    torch.manual_seed(0)
+    a = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=10)
+    real, fake = disc_images(4), blur(disc_images(4), 5)
+    for step in range(3):
+        a.discriminator_step(real, fake, step)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(1)  # different initial weights
+    b = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=10)
+    b.load_state_dict(torch.load(buffer, weights_only=True))  # plain tensors and numbers: loads safely
+    state_a, state_b = a.disc_opt.state_dict()["state"], b.disc_opt.state_dict()["state"]
+    assert all(torch.equal(state_a[k]["exp_avg_sq"], state_b[k]["exp_avg_sq"]) for k in state_a)
+    for step in range(3, 5):  # the same random augmentations, then the same updates
+        torch.manual_seed(step)
+        log_a = a.discriminator_step(real, fake, step)
+        torch.manual_seed(step)
+        log_b = b.discriminator_step(real, fake, step)
+        assert log_a["disc_loss"].item() == log_b["disc_loss"].item()
+    assert torch.equal(a.disc(real), b.disc(real))
+    off = run_vae.SharpTerms(run_vae.load_config(None, {"data": {"image_size": 16}}), "cpu", steps_per_epoch=10)
+    with pytest.raises(run_vae.CheckpointError, match="loss.adversarial"):
+        off.load_state_dict(a.state_dict())
+
+
+def test_step_cost_counts_the_extra_networks():
+    plain = run_vae.sharp_step_cost(None, image_size=16, batch_size=2, steps=1)
+    adversarial = run_vae.sharp_step_cost({"adversarial": 0.5, "disc_channels": 16}, image_size=16, batch_size=2, steps=1)
+    assert plain["seconds_per_image"] > 0 and adversarial["gflop_per_image"] > plain["gflop_per_image"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the terms inside run_vae.train()
+
+def first_and_last_third(run_dir, tag):
+    """Means of a logged training scalar over the first and the last third of the run's steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    values = [e.value for e in sorted(EventAccumulator(str(run_dir)).Reload().Scalars(tag), key=lambda e: e.step)]
+    third = len(values) // 3
+    return float(np.mean(values[:third])), float(np.mean(values[-third:]))
+
+
+@pytest.mark.skipif(not HAS_STLPIPS, reason="stlpips-pytorch is not installed (pip install -r requirements.txt)")
+def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3, "batch_size": 2, "log_every": 1},
+                      loss={"perceptual": 0.05})
+    summary = train(cfg)
+    first, last = first_and_last_third(summary["run_dir"], "train/perceptual")
+    assert last < 0.8 * first
+
+
+def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1},
+                      loss={"adversarial": 0.5, "adv_start": 1.0})
+    summary = train(cfg)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(summary["run_dir"]).Reload()
+    disc = acc.Scalars("train/disc_loss")
+    assert disc and min(e.step for e in disc) > 3  # epoch 1 (3 steps) trains the VAE alone
+    assert all(np.isfinite(e.value) for e in disc + acc.Scalars("train/adv_weight"))
+    last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert set(last["sharp"]) == {"disc", "disc_opt", "disc_scaler"}
+    best = load_checkpoint(summary["best_checkpoint"])
+    assert "sharp" not in best and not any(k.startswith("disc") for k in best["model"])
+    metrics = run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": summary["best_checkpoint"],
+                                            "out_dir": str(tmp_path / "test")}})
+    assert metrics["epoch"] == best["epoch"] and (tmp_path / "test/samples.png").is_file()
+
+
+def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder):
+    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1}
+    full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, loss=loss)
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, loss=loss)
+    train(full)
+    with pytest.raises(run_vae.StopRequested), interrupted_during_step(4):  # mid epoch 2, disc running
+        train(part)
+    train(part, resume=True)
+    a, b = (load_checkpoint(tmp_path / f"logs/{n}/last.pt") for n in ("full", "part"))
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["sharp"]["disc"], b["sharp"]["disc"])
+
+
+def test_resume_refuses_to_drop_the_discriminator(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2}, loss={"adversarial": 0.5, "adv_start": 0.0})
+    train(cfg, max_epochs=1)
+    plain = tiny_config(tmp_path, image_folder, train={"epochs": 2})
+    with pytest.raises(run_vae.ConfigError, match="discriminator"):
+        train(plain, resume=True)
