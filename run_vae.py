@@ -593,10 +593,12 @@ def average_gradients_over_ranks(module, world):
     VAE by its own optimizer (the discriminator): its updates, and so its weights, stay the same on every
     rank. Unlike a DistributedDataParallel wrapper this allows several forward passes per backward and
     passes whose gradients never reach it (the generator's, with its weights frozen)."""
-    if world.size == 1:
-        return
-    for p in module.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: p.grad.copy_(mean_over_ranks(p.grad)))
+    def average(p):
+        dist.all_reduce(p.grad)
+        p.grad.div_(world.size)
+    if world.size > 1:
+        for p in module.parameters():
+            p.register_post_accumulate_grad_hook(average)
 
 
 def broadcast_prior(world, *models):
@@ -1943,7 +1945,8 @@ def graceful_interrupts(flag):
             raise KeyboardInterrupt
         flag["stop"] = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step "
-              "(again to abort now)", file=sys.stderr)
+              "(under torchrun: at the next logged step, where the processes agree; again to abort now)",
+              file=sys.stderr)
     if not hasattr(signal, "SIGTERM") or threading_is_not_main():
         yield
         return

@@ -101,7 +101,8 @@ DRIVER = textwrap.dedent("""
         recording[0] = False
         if job.get("dump"):
             run = seen["run"]
-            torch.save({{"model": run.model.state_dict(), "sampling": run.sampling_model.state_dict()}},
+            disc = run.sharp.disc.state_dict() if run.sharp is not None else {{}}
+            torch.save({{"model": run.model.state_dict(), "sampling": run.sampling_model.state_dict(), "disc": disc}},
                        job["dump"].format(rank=rank))
         recording[0] = True
         results.append({{"status": status, "fid_images": features.calls if features else 0, "prior_fits": fits[0]}})
@@ -146,15 +147,17 @@ def curve(run_dir, tag="train/loss"):
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
-    """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID), and the
-    full run again, stopped in epoch 2 by a Ctrl-C sent to torchrun (last: torchrun shuts down after it).
+    """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, and a
+    discriminator with R1 and DiffAugment), and the full run again, stopped in epoch 2 by a Ctrl-C sent to
+    torchrun (last: torchrun shuts down after it).
     Second: that run's --resume, and the --resume under torchrun of a run one process began (through
     run_vae.main, as the command line does)."""
     tmp = tmp_path_factory.mktemp("ddp")
     images = make_image_folder(tmp / "images")  # 36 images: 29 train (3 steps of 8 an epoch), 7 validation
     (tmp / "dumps").mkdir()
     full = {"data": {"hflip": True}, "model": {"conditional": True}, "train": {"ema": 0.9},
-            "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6}}
+            "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6},
+            "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0}}
     cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
             "part": config(tmp, images, "part", **full), "solo": config(tmp, images, "solo")}
     dump = str(tmp / "dumps" / "{name}_rank{{rank}}.pt")
@@ -176,7 +179,7 @@ def group(tmp_path_factory):
 def test_both_ranks_end_with_the_same_weights_and_buffers(group):
     for name in ("exact", "full", "part", "solo"):
         a, b = (torch.load(group["tmp"] / "dumps" / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
-        for key in ("model", "sampling"):  # sampling: the EMA weights of the full run
+        for key in ("model", "sampling", "disc"):  # sampling: the EMA weights of the full run
             assert_same_weights(a[key], b[key])
         assert a["model"]["prior_mean"].abs().sum() > 0  # fitted on rank 0 and sent: not N(0, I) anywhere
 
@@ -233,6 +236,8 @@ def test_ctrl_c_stops_both_ranks_at_one_step_and_resume_equals_an_uninterrupted_
     part = torch.load(tmp / "dumps/part_rank0.pt", weights_only=True)
     assert_same_weights(full["model"], part["model"])
     assert_same_weights(full["sampling"], part["sampling"])
+    assert full["disc"]
+    assert_same_weights(full["disc"], part["disc"])
     a, b = (run_vae.load_checkpoint(tmp / f"out/logs/{n}/last.pt") for n in ("full", "part"))
     assert a["metrics"]["fid"] == b["metrics"]["fid"] and a["step"] == b["step"] == 6
     assert len(a["rank_rng"]) == 2 and not torch.equal(a["rank_rng"][0]["torch"], a["rank_rng"][1]["torch"])
