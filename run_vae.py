@@ -15,6 +15,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import datetime
 import difflib
 import hashlib
 import io
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
@@ -57,6 +59,11 @@ DEFAULTS = {
         "val_fraction": 0.1,      # held-out share, split deterministically from run.seed
         "hflip": False,           # random horizontal flips while training
         "cache_dir": ".cache",    # decoded images and real FID statistics are cached here
+        "device_budget": "auto",  # GiB of training images kept on the GPU; a larger set stays in host memory and
+                                  # each batch is copied over. auto = half the GPU memory free at start-up
+        "host_budget": "auto",    # GiB of decoded images held in RAM by each process; a larger set is decoded into
+                                  # a file in cache_dir and memory-mapped. auto = half the available RAM shared
+                                  # by the processes on this machine (the in-memory path briefly holds it twice)
     },
     "model": {
         "latent_dim": 128,
@@ -304,11 +311,26 @@ def check_config(cfg):
             raise ConfigError(f"{key} must be {describe_range(low, high, low_allowed)}, got {v}")
     if cfg["data"]["image_size"] % 16:
         raise ConfigError(f"data.image_size must be a multiple of 16 (64, 128, ...), got {cfg['data']['image_size']}")
+    for key in ("device_budget", "host_budget"):
+        parse_budget(cfg["data"][key], f"data.{key}")
     check_diffaug(cfg["loss"]["diffaug"])
     if cfg["fid"]["enabled"] and cfg["fid"]["select"] == "fd_eff" and not cfg["fid"]["efficientnet"]:
         raise ConfigError("fid.select=fd_eff needs fid.efficientnet=true (FD_eff is measured in its features)")
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
         raise ConfigError(f"run.name must be a plain folder name, got {cfg['run']['name']!r}")
+
+
+def parse_budget(value, key):
+    """A memory budget: "auto" -> None, else GiB (a number, or text holding one) -> bytes."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = math.nan
+    if not (gib >= 0 and math.isfinite(gib)):
+        raise ConfigError(f"{key} must be auto or a number of GiB (0 or more, e.g. 4 or 0.5), got {value!r}")
+    return int(gib * 2 ** 30)
 
 
 DIFFAUG_OPS = ("color", "translation", "cutout")
@@ -325,13 +347,23 @@ def config_to_yaml(cfg):
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def pick_device(name):
+def pick_device(name, world=None):
+    """run.device as a torch.device; in a torchrun group of several processes, the GPU of this LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device={name} but no CUDA GPU is visible; use run.device=auto or cpu")
-    return device
+    if device.type != "cuda" or world is None or world.size == 1:
+        return device
+    if device.index is not None:
+        raise ConfigError(f"run.device={name}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                          f"set run.device=auto (or cuda) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if world.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"torchrun started more processes on this machine than it has GPUs "
+                          f"({torch.cuda.device_count()}): use --nproc_per_node={torch.cuda.device_count()}, "
+                          f"or run.device=cpu for processes on the CPU")
+    return torch.device("cuda", world.local_rank)
 
 
 def resolve_fid_auto(fid_cfg, device):
@@ -369,6 +401,224 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------------------------------
+# distributed
+#
+# `torchrun --nproc_per_node=N run_vae.py ...` starts N copies of this script with RANK, WORLD_SIZE and
+# LOCAL_RANK set; each joins one process group and trains on its share of every global batch. Without
+# torchrun a run is World(): one process, and nothing below communicates.
+
+# rank 0 alone validates, fits the prior and scores FID while the others wait in a collective: long enough
+# for a first FID on a CPU (the real images' features of a new data set take minutes), short enough that a
+# lost peer is noticed the same day
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=1)
+
+
+class World:
+    """This process's place in a torchrun group: rank (0 writes every file), size (processes in all), and
+    local_rank and local_size on this machine. World() is a run of one process."""
+
+    def __init__(self, rank=0, size=1, local_rank=0, local_size=1):
+        self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def shard(self, batch):
+        """This rank's contiguous share of a global batch, whose size the world size divides."""
+        per_rank = len(batch) // self.size
+        return batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+def join_process_group(device_name):
+    """The World of this process; under torchrun, join its process group first (once): nccl between
+    GPUs, gloo between CPUs."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ["LOCAL_RANK"]),
+                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if not dist.is_initialized():
+        device = pick_device(device_name, world)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return world
+
+
+def leave_process_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shared_error(error):
+    """Mark an error every rank raises alike: rank 0 alone prints it (main)."""
+    error.shared = True
+    return error
+
+
+def on_rank0(world, fn):
+    """fn() on rank 0 alone (files are its job); every rank returns its result or raises its error, so
+    no rank is left waiting in a collective for a peer that failed."""
+    if world.size == 1:
+        return fn()
+    box = [(None, None)]
+    if world.is_main:
+        try:
+            box = [(fn(), None)]
+        except Exception as e:
+            box = [(None, e)]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise shared_error(error)
+    return result
+
+
+def local_rank0_first(world, fn):
+    """fn() on each machine's local rank 0, then on the other ranks: the first fills the caches on disk
+    that the others then read. An error of a first rank reaches every rank."""
+    if world.size == 1:
+        return fn()
+    result, error = None, None
+    if world.local_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    errors = [None] * world.size
+    dist.all_gather_object(errors, error)
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise shared_error(first)
+    return fn() if world.local_rank != 0 else result
+
+
+def agree(world, values, stop):
+    """`values` (a 1-d tensor) averaged over the ranks, and whether any rank was asked to stop: one
+    all-reduce, so every rank takes the same decision at the same step."""
+    if world.size == 1:
+        return values, stop
+    packed = torch.cat([values.float(), torch.tensor([float(stop)], device=values.device)])
+    dist.all_reduce(packed)
+    return packed[:-1] / world.size, bool(packed[-1] > 0)
+
+
+def rank_seed(seed, rank, step=0):
+    """The seed of rank > 0's own random stream (sampling noise, flips); rank 0 keeps run.seed's."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def gather_rng_states(world, device):
+    """Every rank's random state, for last.pt: a resumed group continues each rank's own noise."""
+    if world.size == 1:
+        return [rng_state(device)]
+    states = [None] * world.size
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the ranks, differentiable: each rank's input gets the sum of every rank's
+    output gradient, since every rank's loss depends on the sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the global batch of a data-parallel run on CPUs, where PyTorch's SyncBatchNorm does
+    not run: one differentiable all-reduce of per-channel sums per layer, so the statistics, the running
+    averages and their gradients are those one process computes on the whole batch. Sums are combined in
+    float64 (mean and E[x^2] of thousands of values), the output in float32. Eval mode is plain BatchNorm."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        count = x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+        mean, var = mean.double(), var.double()
+        sums = AllReduceSum.apply(torch.cat([mean * count, (var + mean ** 2) * count, mean.new_full((1,), count)]))
+        c, n = x.shape[1], sums[-1]
+        mean = sums[:c] / n
+        var = sums[c:2 * c] / n - mean ** 2
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        shift = self.bias - mean * scale
+        return (x.float() * scale.float()[:, None, None] + shift.float()[:, None, None]).to(x.dtype)
+
+
+def with_synced_batch_norm(model, device):
+    """The model with each BatchNorm2d normalising over the global batch (PyTorch's SyncBatchNorm on GPUs,
+    GlobalBatchNorm2d on CPUs). Same parameters and buffers under the same names: checkpoints do not change."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.BatchNorm2d:
+                synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+                synced.load_state_dict(child.state_dict())
+                setattr(parent, name, synced)
+    return model
+
+
+def data_parallel(model, world, device):
+    """(the model, what a training step calls). Under torchrun: BatchNorm synced over the global batch, and a
+    DistributedDataParallel wrapper that averages gradients. Its buffers need no broadcast each step: the
+    BatchNorm statistics come out the same on every rank, and the prior is sent after each fit. (Both are
+    sent once at the start, with the weights.)"""
+    if world.size == 1:
+        return model, model
+    model = with_synced_batch_norm(model, device)
+    wrapper = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  forward_sync_buffers=False, gradient_as_bucket_view=True)
+    return model, wrapper
+
+
+def mean_over_ranks(tensor):
+    """A tensor averaged over the ranks of the torchrun group; itself in a run of one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()
+
+
+def average_gradients_over_ranks(module, world):
+    """Average a module's gradients over the ranks as each is accumulated, for a network trained beside the
+    VAE by its own optimizer (the discriminator): its updates, and so its weights, stay the same on every
+    rank. Unlike a DistributedDataParallel wrapper this allows several forward passes per backward and
+    passes whose gradients never reach it (the generator's, with its weights frozen)."""
+    def average(p):
+        dist.all_reduce(p.grad)
+        p.grad.div_(world.size)
+    if world.size > 1:
+        for p in module.parameters():
+            p.register_post_accumulate_grad_hook(average)
+
+
+def broadcast_prior(world, *models):
+    if world.size > 1:
+        for model in models:
+            dist.broadcast(model.prior_mean, src=0)
+            dist.broadcast(model.prior_scale_tril, src=0)
 
 # ----------------------------------------------------------------------------------------------------
 # data
@@ -437,7 +687,12 @@ class ImageSet:
 
     def subset(self, index):
         files = [self.files[i] for i in index]
-        return ImageSet(self.images[index], self.labels[index], self.classes, files, self.key)
+        images = self.images.subset(index) if isinstance(self.images, MappedImages) else self.images[index]
+        return ImageSet(images, self.labels[index], self.classes, files, self.key)
+
+    @property
+    def nbytes(self):
+        return math.prod(self.images.shape)
 
 
 def dataset_key(root, files, size):
@@ -465,31 +720,160 @@ def atomic_save(obj, path):
             tmp.unlink(missing_ok=True)
 
 
-def load_image_folder(root, size, cache_dir=None):
-    """Decode a class-per-folder tree once; later calls with unchanged files load the cache in seconds."""
+def decoded_images(root, files, size):
+    """(relative path, label, uint8 image) of every readable file in turn; one warning lists the unreadable."""
+    bad = []
+    for rel, label in tqdm(files, desc=f"decoding {Path(root).name}", unit="img", leave=False, disable=None):
+        try:
+            image = decode_image(Path(root) / rel, size)
+        except Exception as e:
+            bad.append(f"{rel} ({type(e).__name__})")
+            continue
+        yield rel, label, image
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad)}")
+
+
+def check_classes_kept(root, classes, labels):
+    missing = [c for i, c in enumerate(classes) if i not in set(labels)]
+    if missing:
+        raise DataError(f"no readable images in class folder(s) {', '.join(missing)} under {root}")
+
+
+def available_ram():
+    """Bytes of RAM the kernel can give without swapping (MemAvailable), or all of it where that is unknown."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class MappedImages:
+    """Rows of a uint8 (N, 3, S, S) array memory-mapped from a file, seen through a row index (a subset).
+    Indexing with an int, a slice or an index tensor returns a tensor, as an in-memory set's images do,
+    and reads only the rows asked for: from disk the first time, from the page cache after that."""
+
+    dtype = torch.uint8
+
+    def __init__(self, array, rows=None):
+        self.array = array
+        self.rows = np.arange(len(array)) if rows is None else rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def shape(self):
+        return (len(self.rows), *self.array.shape[1:])
+
+    def subset(self, index):
+        return MappedImages(self.array, self.rows[np.asarray(index)])
+
+    def gather(self, index, out=None):
+        """The rows at `index` (positions in this view) as a tensor, written into `out` when given."""
+        rows = self.rows[np.asarray(index)]
+        if out is None:
+            out = torch.empty((len(rows), *self.array.shape[1:]), dtype=torch.uint8)
+        np.take(self.array, rows, axis=0, out=out.numpy(), mode="clip")  # clip: unbuffered, rows are valid
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return torch.from_numpy(np.array(self.array[self.rows[key]]))
+        return self.gather(np.arange(len(self.rows))[key] if isinstance(key, slice) else key)
+
+
+def mapped_cache_paths(cache_dir, stem):
+    """The memory-mappable cache: raw uint8 rows, and beside them labels, classes and file names."""
+    return Path(cache_dir) / f"memmap_{stem}.uint8", Path(cache_dir) / f"memmap_{stem}.pt"
+
+
+def open_mapped_cache(raw, meta, size):
+    """(MappedImages, labels, classes, files) of a complete mapped cache; raises if it is damaged."""
+    m = torch.load(meta, weights_only=True)
+    shape = (len(m["labels"]), 3, size, size)
+    if raw.stat().st_size != math.prod(shape):
+        raise ValueError(f"{raw} holds {raw.stat().st_size} bytes, not the {math.prod(shape)} of {shape}")
+    return MappedImages(np.memmap(raw, dtype=np.uint8, mode="r", shape=shape)), m["labels"], m["classes"], m["files"]
+
+
+def write_rows(raw, rows):
+    """Write uint8 image tensors one after another into a raw file, atomically; one row in memory at a time."""
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    tmp = raw.with_name(f".{raw.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for row in rows:
+                f.write(row.contiguous().numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, raw)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_mapped_cache(root, classes, files, size, raw, meta, pt_cache):
+    """Fill the mapped cache from the in-memory cache when there is one (itself memory-mapped, so never
+    read into RAM whole), else by decoding one image at a time. The labels file, written last, marks the
+    cache complete."""
+    try:
+        c = torch.load(pt_cache, weights_only=True, mmap=True)
+        write_rows(raw, iter(c["images"]))
+        labels, classes, kept = c["labels"], c["classes"], c["files"]
+    except Exception:  # none, or a damaged one: decode
+        labels, kept = [], []
+
+        def rows():
+            for rel, label, image in decoded_images(root, files, size):
+                labels.append(label)
+                kept.append(rel)
+                yield image
+        write_rows(raw, rows())
+        check_classes_kept(root, classes, labels)
+        labels = torch.tensor(labels)
+    atomic_save({"labels": labels, "classes": classes, "files": kept}, meta)
+
+
+def load_image_folder(root, size, cache_dir=None, max_bytes=None):
+    """Decode a class-per-folder tree once; later calls with unchanged files load the cache in seconds.
+
+    A set larger than max_bytes decoded (None: half the available RAM) goes to a raw uint8 file in
+    cache_dir instead and is memory-mapped from it (MappedImages), so it never has to fit in RAM. A
+    mapped cache is also used, read whole, by a later call that has the memory for it."""
     classes, files = list_image_folder(root)
     key = dataset_key(root, files, size)
-    cache = Path(cache_dir) / f"images_{Path(root).name}_{size}_{key}.pt" if cache_dir else None
-    if cache is not None and cache.is_file():
+    stem = f"{Path(root).name}_{size}_{key}"
+    cache = Path(cache_dir) / f"images_{stem}.pt" if cache_dir else None
+    budget = available_ram() // 2 if max_bytes is None else max_bytes
+    mapped = cache_dir is not None and len(files) * 3 * size * size > budget
+    if cache is not None and not mapped and cache.is_file():
         try:
             c = torch.load(cache, weights_only=True)
             return ImageSet(c["images"], c["labels"], c["classes"], c["files"], key)
         except Exception as e:  # a damaged cache is only a cache: rebuild it
             warnings.warn(f"ignoring unreadable data cache {cache} ({e}); decoding again")
-    images, labels, kept, bad = [], [], [], []
-    for rel, label in tqdm(files, desc=f"decoding {Path(root).name}", unit="img", leave=False, disable=None):
-        try:
-            images.append(decode_image(Path(root) / rel, size))
-        except Exception as e:
-            bad.append(f"{rel} ({type(e).__name__})")
-            continue
+    if cache_dir is not None:
+        raw, meta = mapped_cache_paths(cache_dir, stem)
+        for attempt in range(2):
+            if not (raw.is_file() and meta.is_file()):
+                if not mapped:
+                    break
+                build_mapped_cache(root, classes, files, size, raw, meta, cache)
+            try:
+                images, labels, classes_kept, kept = open_mapped_cache(raw, meta, size)
+                return ImageSet(images if mapped else images[:], labels, classes_kept, kept, key)
+            except Exception as e:
+                warnings.warn(f"ignoring unreadable data cache {raw} ({e}); decoding again")
+                meta.unlink(missing_ok=True)
+        if mapped:
+            raise DataError(f"could not build a readable memory-mapped image cache {raw}: check the free space "
+                            f"and the disk under data.cache_dir, or raise data.host_budget to decode into RAM")
+    images, labels, kept = [], [], []
+    for rel, label, image in decoded_images(root, files, size):
+        images.append(image)
         labels.append(label)
         kept.append(rel)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad)}")
-    missing = [c for i, c in enumerate(classes) if i not in set(labels)]
-    if missing:
-        raise DataError(f"no readable images in class folder(s) {', '.join(missing)} under {root}")
+    check_classes_kept(root, classes, labels)
     data = ImageSet(torch.stack(images), torch.tensor(labels), classes, kept, key)
     if cache is not None:
         atomic_save({"images": data.images, "labels": data.labels, "classes": classes, "files": kept}, cache)
@@ -558,12 +942,16 @@ def make_demo_dataset(root, per_class=300, seed=1234):
     tmp.rename(root)  # all or nothing: an interrupted run never leaves half a dataset
 
 
-def load_data(cfg):
-    """The run's images, and its train/val index split."""
+def load_data(cfg, world=None):
+    """The run's images, and its train/val index split. The RAM budget (data.host_budget) is per process:
+    auto shares half the available RAM among the processes of this machine, each holding its own copy."""
     d = cfg["data"]
     if d["demo"]:
         make_demo_dataset(d["root"])
-    data = load_image_folder(d["root"], d["image_size"], d["cache_dir"])
+    budget = parse_budget(d["host_budget"], "data.host_budget")
+    if budget is None:
+        budget = available_ram() // 2 // (world.local_size if world else 1)
+    data = load_image_folder(d["root"], d["image_size"], d["cache_dir"], budget)
     train_idx, val_idx = split_train_val(len(data), d["val_fraction"], cfg["run"]["seed"])
     return data, train_idx, val_idx
 
@@ -580,6 +968,71 @@ def iterate_batches(n, batch_size, generator, drop_last=True, device="cpu"):
     host-to-device copy."""
     perm = torch.randperm(n, generator=generator).to(device)
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(num_batches(n, batch_size, drop_last))]
+
+
+class TrainingImages:
+    """The training split, where each step's batch is read from; every placement gives the same batches.
+
+    device: moved to the device once, a batch is an index into its memory (the fast path).
+    host:   kept in RAM; a batch is gathered into pinned memory and copied asynchronously, so on a GPU the
+            copy overlaps the step before it. The set itself is not pinned: locking gigabytes of RAM would
+            gain nothing over pinning one batch at a time.
+    memmap: the same from a memory-mapped file (MappedImages), read from the page cache after one epoch."""
+
+    def __init__(self, images, labels, device, where):
+        self.device, self.where = device, where
+        self.index_device = device if where == "device" else torch.device("cpu")
+        if where == "device":
+            self.images, self.labels = images_to(images, device), labels.to(device)
+        else:
+            self.images, self.labels = images, labels
+
+    def batch(self, index):
+        """uint8 images and labels of the rows at `index` (a tensor on index_device), on the device."""
+        if self.where == "device":
+            return self.images[index], self.labels[index]
+        pin = self.device.type == "cuda"
+        x = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        y = torch.empty(len(index), dtype=self.labels.dtype, pin_memory=pin)
+        if isinstance(self.images, MappedImages):
+            self.images.gather(index, out=x)
+        else:
+            torch.index_select(self.images, 0, index, out=x)
+        torch.index_select(self.labels, 0, index, out=y)
+        return x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
+
+
+def images_to(images, device, rows_per_copy=1024):
+    """A uint8 image tensor on `device`; a memory-mapped set is copied in slices, never whole in RAM."""
+    if not isinstance(images, MappedImages):
+        return images.to(device)
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    for i in range(0, len(images), rows_per_copy):
+        out[i:i + rows_per_copy] = images[i:i + rows_per_copy].to(device)
+    return out
+
+
+def size_text(nbytes):
+    return f"{nbytes / 2 ** 30:.2f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.1f} MiB"
+
+
+def place_training_images(train_set, device, cfg):
+    """TrainingImages placed by data.device_budget (and, before this, data.host_budget), and a sentence that
+    says where and why. On a CPU the device is the RAM: a set within the RAM budget stays where it is."""
+    nbytes, mapped = train_set.nbytes, isinstance(train_set.images, MappedImages)
+    budget = parse_budget(cfg["data"]["device_budget"], "data.device_budget")
+    if budget is None:
+        budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else math.inf
+    fits = nbytes <= budget and not (mapped and device.type != "cuda")
+    where = "device" if fits else "memmap" if mapped else "host"
+    what = f"training images: {len(train_set)} at {cfg['data']['image_size']} px, {size_text(nbytes)} as uint8"
+    limit = "unlimited" if budget == math.inf else size_text(budget)
+    file = Path(train_set.images.array.filename).name if mapped else ""
+    why = {"device": f"kept on {device} (data.device_budget: {limit})",
+           "host": f"over data.device_budget ({limit}): kept in host memory, each batch copied to {device}",
+           "memmap": f"over data.host_budget: memory-mapped from {file} in data.cache_dir, each batch read "
+                     f"from the page cache (from disk in the first epoch)"}[where]
+    return TrainingImages(train_set.images, train_set.labels, device, where), f"{what}, {why}"
 
 
 def to_float(images_uint8):
@@ -915,6 +1368,8 @@ def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=
     reconstruction's (times loss.adversarial) whatever either loss's scale. 0 if a norm is not finite."""
     rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
+    # under torchrun, the gradients of the global batch: every rank weighs its share alike
+    rec_grad, g_grad = mean_over_ranks(rec_grad), mean_over_ranks(g_grad)
     weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
     weight = torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
     return weight.clamp(0, max_weight).detach()
@@ -1159,7 +1614,8 @@ def fid_from_features(real, fake):
     """Frechet distance of two feature sets, by torchmetrics in float64 (FID in Inception's space, FD_eff in
     EfficientNet's)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
-    fid = FrechetInceptionDistance(feature=FeatureTable(real.shape[1]))
+    # sync_on_compute off: under torchrun rank 0 scores alone, and must not wait for the others' features
+    fid = FrechetInceptionDistance(feature=FeatureTable(real.shape[1]), sync_on_compute=False)
     fid.update(real.double(), real=True)
     fid.update(fake.double(), real=False)
     return float(fid.compute())
@@ -1169,7 +1625,8 @@ def kid_from_features(real, fake, max_subset=1000):
     """Kernel Inception Distance (unbiased, so usable at the small N a CPU can afford), mean and std."""
     from torchmetrics.image.kid import KernelInceptionDistance
     subset = min(max_subset, len(real), len(fake))
-    kid = KernelInceptionDistance(feature=FeatureTable(real.shape[1]), subset_size=subset, subsets=50)
+    kid = KernelInceptionDistance(feature=FeatureTable(real.shape[1]), subset_size=subset, subsets=50,
+                                  sync_on_compute=False)
     kid.update(real.double(), real=True)
     kid.update(fake.double(), real=False)
     with torch.random.fork_rng():  # KID draws random subsets: same inputs, same score
@@ -1669,7 +2126,9 @@ def checkpoint_dict(run, kind, metrics):
     if kind == "last":
         ck.update(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                   scaler=run.scaler.state_dict(), best=run.best, batch_in_epoch=run.batch_in_epoch,
-                  epoch_sums=run.epoch_sums.cpu(), shuffle_state=run.epoch_shuffle_state, rng=rng_state())
+                  epoch_sums=run.epoch_sums.cpu(), shuffle_state=run.epoch_shuffle_state, rng=rng_state(run.device))
+        if run.world.size > 1:  # each rank's own, so a resumed group draws the noise it would have drawn
+            ck["rank_rng"] = run.rng_states
         if run.ema is not None:
             ck.update(raw_model=run.model.state_dict(), ema=run.ema.state_dict())
         if run.sharp is not None:  # the discriminator and its optimizer: never part of best.pt
@@ -1771,7 +2230,8 @@ def graceful_interrupts(flag):
             raise KeyboardInterrupt
         flag["stop"] = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step "
-              "(again to abort now)", file=sys.stderr)
+              "(under torchrun: at the next logged step, where the processes agree; again to abort now)",
+              file=sys.stderr)
     if not hasattr(signal, "SIGTERM") or threading_is_not_main():
         yield
         return
@@ -1788,16 +2248,22 @@ def threading_is_not_main():
     return threading.current_thread() is not threading.main_thread()
 
 
-def rng_state():
+def rng_state(device):
+    """The random state a run draws from: its own GPU's only, since asking every GPU would open a CUDA
+    context on each of them from every process of a torchrun group."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+            "cuda_device": (device.index or 0) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda"][0], device)
+        else:  # written with every GPU's state
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def prepare_run_folder(paths, resume):
@@ -1834,25 +2300,29 @@ def check_writable(*folders):
 class Run:
     """Everything one training run holds and changes; last.pt is this object written down (checkpoint_dict)."""
 
-    def __init__(self, cfg, fid_features=None):
-        self.cfg, self.paths = cfg, Checkpointing(cfg)
-        self.device = pick_device(cfg["run"]["device"])
+    def __init__(self, cfg, fid_features=None, world=None):
+        self.cfg, self.paths, self.world = cfg, Checkpointing(cfg), world or World()
+        self.device = pick_device(cfg["run"]["device"], self.world)
         self.amp_dtype = pick_precision(cfg["train"]["precision"], self.device)
-        self.data, train_idx, val_idx = load_data(cfg)
+        self.data, train_idx, val_idx = local_rank0_first(self.world, lambda: load_data(cfg, self.world))
         self.train_set, self.val_set = self.data.subset(train_idx), self.data.subset(val_idx)
         if len(self.train_set) == 0:
             raise DataError(f"no training images left after holding out data.val_fraction of {len(self.data)}")
-        # moved once: a batch is an index into device memory, not a copy from the host
-        self.train_images = self.train_set.images.to(self.device)
-        self.train_labels = self.train_set.labels.to(self.device)
+        self.train_images, placement = place_training_images(self.train_set, self.device, cfg)
+        if self.world.is_main:
+            print(placement)
         t = cfg["train"]
-        self.batch_size = min(t["batch_size"], len(self.train_set))
+        # the global batch: each process takes an equal share of it
+        self.batch_size = min(t["batch_size"], len(self.train_set) // self.world.size * self.world.size)
+        if self.batch_size == 0:
+            raise DataError(f"{len(self.train_set)} training images cannot be shared by {self.world.size} processes")
         self.steps_per_epoch = num_batches(len(self.train_set), self.batch_size)
         self.total_steps = self.steps_per_epoch * t["epochs"]
 
         # channels_last suits both cuDNN and oneDNN convolutions (bench/bench_train.py)
         self.model = build_model(cfg, len(self.data.classes)).to(self.device, memory_format=torch.channels_last)
-        self.train_model = self.model  # what a training step calls: the model, or its data-parallel wrapper
+        # what a training step calls: the model, or under torchrun its data-parallel wrapper
+        self.model, self.train_model = data_parallel(self.model, self.world, self.device)
         # one fused kernel for the whole update instead of a dozen elementwise passes over the weights
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"], fused=True)
         warmup_steps = round(t["lr_warmup"] * self.steps_per_epoch)
@@ -1866,9 +2336,11 @@ class Run:
         self.shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
         self.epoch_shuffle_state = self.shuffle.get_state()
         self.fid = (FIDScorer(cfg, self.data, train_idx, val_idx, self.device, fid_features)
-                    if cfg["fid"]["enabled"] else None)
+                    if cfg["fid"]["enabled"] and self.world.is_main else None)  # rank 0 alone scores
         sharp = SharpTerms(cfg, self.device, self.steps_per_epoch, self.amp_dtype)
         self.sharp = sharp if sharp.enabled else None  # perceptual / adversarial terms (loss section)
+        if self.sharp is not None and self.sharp.disc is not None:
+            average_gradients_over_ranks(self.sharp.disc, self.world)
 
         self.epoch = self.step = self.batch_in_epoch = 0
         self.epoch_sums = torch.zeros(4, device=self.device)  # loss, recon, kl, steps: summed on device
@@ -1879,6 +2351,9 @@ class Run:
         # seconds spent in each part of the run (bench/bench_train.py reads them), and prior fits made
         self.timings = {"start": 0.0, "steps": 0.0, "validation": 0.0, "prior_fit": 0.0, "fid": 0.0, "grids": 0.0,
                         "checkpoints": 0.0, "prior_fits": 0}
+        self.rng_states = None  # every rank's random state at the last save of a torchrun group
+        if self.world.rank > 0:  # each rank its own sampling noise and flips (rank 0 keeps a one-process run's)
+            seed_everything(rank_seed(cfg["run"]["seed"], self.world.rank))
 
     @property
     def sampling_model(self):
@@ -1901,12 +2376,10 @@ def first_difference(a, b, prefix=""):
     return None
 
 
-def restore_run(run, ckpt):
-    """Load last.pt into a freshly built Run. The model, the image size and the batch size must match:
-    they fix the weights' shapes and the epoch's batch order. A changed train.lr takes effect from here
-    on, which is how a diverged run continues from its last good state."""
-    saved = merge_config(DEFAULTS, ckpt["config"], str(run.paths.last))  # keys added since take their defaults
-    cfg = run.cfg
+def check_resumable(cfg, ckpt, path):
+    """The model, the image size and the batch size of a run to resume must match its last.pt: they fix the
+    weights' shapes and the epoch's batch order. Returns the checkpoint."""
+    saved = merge_config(DEFAULTS, ckpt["config"], str(path))  # keys added since take their defaults
     fixed = {"model": (saved["model"], cfg["model"]),
              "data.image_size": (saved["data"]["image_size"], cfg["data"]["image_size"]),
              "train.batch_size": (saved["train"]["batch_size"], cfg["train"]["batch_size"])}
@@ -1915,8 +2388,17 @@ def restore_run(run, ckpt):
         if diff and diff[1] != diff[2]:
             why = ("it sets the epoch's batch order and step count" if name == "train.batch_size"
                    else "it sets the shapes of the saved weights")
-            raise ConfigError(f"{run.paths.last} was trained with {diff[0]}={diff[1]!r}, not {diff[2]!r}, and "
+            raise ConfigError(f"{path} was trained with {diff[0]}={diff[1]!r}, not {diff[2]!r}, and "
                               f"{why}. Resume with {diff[0]}={diff[1]!r}, or start a new run.name.")
+    return ckpt
+
+
+def restore_run(run, ckpt):
+    """Load last.pt (checked by check_resumable) into a freshly built Run. A changed train.lr takes effect from
+    here on, which is how a diverged run continues from its last good state. The number of processes may
+    differ from the run that wrote it: batches are global, only ranks without a saved state get new noise."""
+    saved = merge_config(DEFAULTS, ckpt["config"], str(run.paths.last))
+    cfg = run.cfg
     run.model.load_state_dict(with_prior_buffers(run.model, ckpt.get("raw_model", ckpt["model"])))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -1937,9 +2419,17 @@ def restore_run(run, ckpt):
         run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
         for group in run.optimizer.param_groups:
             group["initial_lr"], group["lr"] = lr, lr * run.lr_factor(run.scheduler.last_epoch)
-        print(f"train.lr changed from {saved['train']['lr']} to {lr}: the schedule continues at the new rate")
-    set_rng_state(ckpt["rng"])
-    print(f"resuming {run.paths.run_dir} at epoch {run.epoch} step {run.step}")
+        if run.world.is_main:
+            print(f"train.lr changed from {saved['train']['lr']} to {lr}: the schedule continues at the new rate")
+    states = ckpt.get("rank_rng") or [ckpt["rng"]]
+    if run.world.rank < len(states):
+        set_rng_state(states[run.world.rank], run.device)
+    else:
+        seed_everything(rank_seed(cfg["run"]["seed"], run.world.rank, run.step))
+    if run.world.is_main:
+        print(f"resuming {run.paths.run_dir} at epoch {run.epoch} step {run.step}"
+              + (f" ({len(states)} process(es) wrote it, {run.world.size} continue it)"
+                 if len(states) != run.world.size else ""))
 
 
 @contextlib.contextmanager
@@ -1996,15 +2486,17 @@ def log_step(run, parts, grad_norm, extra_logs, beta, seconds):
     """Scalars every train.log_every steps; also where a non-finite loss stops the run."""
     values = dict(zip(("loss", "recon", "kl"), parts.tolist()))
     values.update({k: float(v) for k, v in extra_logs.items()})
-    if not all(math.isfinite(v) for v in values.values()):
-        raise diverged(f"loss became {values['loss']} at epoch {run.epoch + 1}, step {run.step}", run,
-                       run.epoch if run.paths.last.is_file() else 0)
+    if not all(math.isfinite(v) for v in values.values()):  # the ranks' average: all of them stop here
+        error = diverged(f"loss became {values['loss']} at epoch {run.epoch + 1}, step {run.step}", run,
+                         run.epoch if run.paths.last.is_file() else 0)
+        raise error if run.world.is_main else shared_error(error)
     values.update(beta=beta, lr=run.scheduler.get_last_lr()[0],
                   images_per_s=run.cfg["train"]["log_every"] * run.batch_size / max(seconds, 1e-9))
     if grad_norm is not None:  # the norm before clipping: how often the clip bites
         values["grad_norm"] = grad_norm.item()
-    for k, v in values.items():
-        run.writer.add_scalar(f"train/{k}", v, run.step)
+    if run.writer is not None:  # rank 0's
+        for k, v in values.items():
+            run.writer.add_scalar(f"train/{k}", v, run.step)
     if run.wandb_run:
         run.wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=run.step)
     return values
@@ -2012,16 +2504,21 @@ def log_step(run, parts, grad_norm, extra_logs, beta, seconds):
 
 def train_epoch(run, stop):
     """The remaining steps of the current epoch (all of them unless resumed mid-epoch). Returns False when
-    a stop was requested before the epoch's last step."""
-    cfg, t = run.cfg, run.cfg["train"]
+    a stop was requested before the epoch's last step.
+
+    Under torchrun every rank draws the same global batches and trains on its share of each. The ranks
+    agree on the losses to log and on a stop at each log step (one all-reduce): on a GPU that is where
+    the loop waits for the device anyway, so a Ctrl-C costs at most train.log_every more steps."""
+    cfg, t, world = run.cfg, run.cfg["train"], run.world
     run.model.train()
     run.shuffle.set_state(run.epoch_shuffle_state)
-    batches = iterate_batches(len(run.train_set), run.batch_size, run.shuffle, device=run.device)
-    bar = tqdm(batches[run.batch_in_epoch:], desc=f"epoch {run.epoch + 1}/{t['epochs']}", leave=False, disable=None)
+    batches = iterate_batches(len(run.train_set), run.batch_size, run.shuffle, device=run.train_images.index_device)
+    bar = tqdm(batches[run.batch_in_epoch:], desc=f"epoch {run.epoch + 1}/{t['epochs']}", leave=False,
+               disable=None if world.is_main else True)
     last_log = time.time()
     for idx in bar:
-        x = to_float(run.train_images[idx]).contiguous(memory_format=torch.channels_last)
-        y = run.train_labels[idx]
+        x, y = run.train_images.batch(world.shard(idx))
+        x = to_float(x).contiguous(memory_format=torch.channels_last)
         if cfg["data"]["hflip"]:
             flip = torch.rand(len(x), device=run.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -2030,13 +2527,18 @@ def train_epoch(run, stop):
         run.epoch_sums += torch.cat([parts.float(), parts.new_ones(1, dtype=torch.float32)])
         run.step += 1
         run.batch_in_epoch += 1
+        stopping = stop["stop"] and world.size == 1
         if run.step % t["log_every"] == 0 or run.batch_in_epoch == len(batches):
+            names = sorted(extra_logs)  # the extra terms' logs, averaged with the losses in one all-reduce
+            packed = torch.cat([parts.float(), *(extra_logs[k].float().reshape(1) for k in names)])
+            packed, stopping = agree(world, packed, stop["stop"])
+            parts, extra_logs = packed[:3], dict(zip(names, packed[3:]))
             now = time.time()
             values = log_step(run, parts, grad_norm, extra_logs, beta, now - last_log)
             last_log = now
             bar.set_postfix(loss=f"{values['loss']:.1f}", recon=f"{values['recon']:.1f}",
                             kl=f"{values['kl']:.1f}", beta=f"{beta:.3g}")
-        if stop["stop"] and run.batch_in_epoch < len(batches):
+        if stopping and run.batch_in_epoch < len(batches):
             return False
     return True
 
@@ -2094,9 +2596,29 @@ def save_epoch_checkpoints(run, metrics, improved):
 
 
 def end_epoch(run):
-    """The work after an epoch's last step: validation, the prior fit, grids, FID, checkpoints, logs."""
-    cfg, t = run.cfg, run.cfg["train"]
+    """The work after an epoch's last step: validation, the prior fit, grids, FID, checkpoints, logs. Under
+    torchrun rank 0 does it alone while the others wait, then sends them the prior if it fitted one."""
     run.epoch += 1
+    run.epoch_sums = agree(run.world, run.epoch_sums, False)[0]  # the global batches' averages
+    if run.world.size > 1:
+        run.rng_states = gather_rng_states(run.world, run.device)
+    metrics, run.prior_epoch = on_rank0(run.world, lambda: (evaluate_and_save_epoch(run), run.prior_epoch))
+    if not run.world.is_main:
+        start_next_epoch(run)
+        run.metrics = metrics
+    if run.prior_epoch == run.epoch:
+        broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
+    return metrics
+
+
+def start_next_epoch(run):
+    run.batch_in_epoch, run.epoch_shuffle_state = 0, run.shuffle.get_state()
+    run.epoch_sums.zero_()
+
+
+def evaluate_and_save_epoch(run):
+    """end_epoch's work on rank 0: everything that reads the model or writes a file."""
+    cfg, t = run.cfg, run.cfg["train"]
     with timed(run, "validation"):
         metrics = epoch_metrics(run)
     fid_due = run.fid is not None and (run.epoch % cfg["fid"]["every"] == 0 or run.epoch == t["epochs"])
@@ -2119,8 +2641,7 @@ def end_epoch(run):
                       run.device)
     improved = run.best_key in metrics and (run.best["epoch"] is None or
                                             run.best_sign * metrics[run.best_key] < run.best_sign * run.best["value"])
-    run.batch_in_epoch, run.epoch_shuffle_state = 0, run.shuffle.get_state()
-    run.epoch_sums.zero_()
+    start_next_epoch(run)
     with timed(run, "checkpoints"):
         save_epoch_checkpoints(run, metrics, improved)
     if run.epoch == t["epochs"]:
@@ -2138,11 +2659,18 @@ def end_epoch(run):
 
 
 def stop_run(run):
-    """Ctrl-C / SIGTERM: save where we are (mid-epoch included) and leave best.pt fitted to its weights."""
-    atomic_save(checkpoint_dict(run, "last", run.metrics), run.paths.last)
-    refit_run_best(run)
-    run.writer.close()
-    raise StopRequested(f"stopped at epoch {run.epoch + 1} step {run.step}; continue with --resume ({run.paths.last})")
+    """Ctrl-C / SIGTERM: save where we are (mid-epoch included) and leave best.pt fitted to its weights.
+    Every rank of a torchrun group gets here at the same step (train_epoch agrees on it)."""
+    if run.world.size > 1:
+        run.rng_states = gather_rng_states(run.world, run.device)
+
+    def save():
+        atomic_save(checkpoint_dict(run, "last", run.metrics), run.paths.last)
+        refit_run_best(run)
+        run.writer.close()
+    on_rank0(run.world, save)
+    stopped = StopRequested(f"stopped at epoch {run.epoch + 1} step {run.step}; continue with --resume ({run.paths.last})")
+    raise stopped if run.world.is_main else shared_error(stopped)
 
 
 def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
@@ -2154,27 +2682,25 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     max_epochs: stop after this many epochs of this call (tests of resume).
     """
     started = time.perf_counter()
+    world = join_process_group(cfg["run"]["device"])  # one process unless started by torchrun
     paths = Checkpointing(cfg)
-    prepare_run_folder(paths, resume)
-    check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"])
-    device = pick_device(cfg["run"]["device"])
+    if cfg["train"]["batch_size"] % world.size:
+        raise shared_error(ConfigError(
+            f"train.batch_size={cfg['train']['batch_size']} is the global batch, shared evenly by the {world.size} "
+            f"processes: use a multiple of {world.size}"))
+    on_rank0(world, lambda: (prepare_run_folder(paths, resume),
+                             check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"])))
+    device = pick_device(cfg["run"]["device"], world)
     cfg = {**cfg, "fid": resolve_fid_auto(cfg["fid"], device)}
     seed_everything(cfg["run"]["seed"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    run = Run(cfg, fid_features)
+    run = Run(cfg, fid_features, world)
     run.best_key, lower_is_better = selection_metric(cfg)
     run.best_sign = 1.0 if lower_is_better else -1.0  # compare sign * value, lower wins
-    if resume:
-        restore_run(run, load_checkpoint(paths.last))
-    (paths.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    from torch.utils.tensorboard import SummaryWriter
-    run.writer = SummaryWriter(str(paths.run_dir))
-    if not resume:
-        run.writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```")
-    run.wandb_run = start_wandb(cfg, paths.run_dir)
-    if run.fid is None:
-        print("fid.enabled is false: the best checkpoint is chosen by validation negative ELBO")
+    if resume:  # rank 0 reads last.pt and sends it: the other machines of a group need no copy of the logs
+        restore_run(run, on_rank0(world, lambda: check_resumable(cfg, load_checkpoint(paths.last), paths.last)))
+    on_rank0(world, lambda: start_logs(run, resume))
     run.timings["start"] = time.perf_counter() - started
 
     stop, metrics, epochs_this_call = {"stop": False}, {}, 0
@@ -2188,15 +2714,30 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
             if report is not None:
                 report(run.epoch, metrics, paths.run_dir)
             epochs_this_call += 1
-            if stop["stop"] and run.epoch < cfg["train"]["epochs"]:  # after the last epoch there is nothing to stop
+            stopping = agree(world, run.epoch_sums[:0], stop["stop"])[1]  # all ranks after the same epoch
+            if stopping and run.epoch < cfg["train"]["epochs"]:  # after the last epoch there is nothing to stop
                 stop_run(run)
             if max_epochs is not None and epochs_this_call >= max_epochs:
                 break
-    run.writer.close()
+    if run.writer is not None:
+        run.writer.close()
     if run.wandb_run:
         finish_wandb(run.wandb_run, cfg, paths.best)
     return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": run.best,
             "timings": run.timings, **metrics}
+
+
+def start_logs(run, resume):
+    """The run folder's config.yaml, TensorBoard and W&B: rank 0's."""
+    cfg, paths = run.cfg, run.paths
+    (paths.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    from torch.utils.tensorboard import SummaryWriter
+    run.writer = SummaryWriter(str(paths.run_dir))
+    if not resume:
+        run.writer.add_text("config", "```\n" + config_to_yaml(cfg) + "\n```")
+    run.wandb_run = start_wandb(cfg, paths.run_dir)
+    if run.fid is None:
+        print("fid.enabled is false: the best checkpoint is chosen by validation negative ELBO")
 
 
 @torch.no_grad()
@@ -2346,21 +2887,28 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the group
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg["run"]["mode"] == "test":
-            test(cfg)
+            if is_main:  # test mode is one process's work
+                test(cfg)
         else:
             summary = train(cfg, resume=args.resume)
             best = summary["best"]
-            if best["epoch"] is None:
+            if not is_main:
+                pass
+            elif best["epoch"] is None:
                 print(f"done: no epoch improved {best['metric']}; no best checkpoint was written")
             else:
                 print(f"done: best {best['metric']}={best['value']:.4g} at epoch {best['epoch']} "
                       f"-> {summary['best_checkpoint']}")
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, StopRequested) as e:
-        print(f"error: {e}" if not isinstance(e, StopRequested) else str(e), file=sys.stderr)
+        if is_main or not getattr(e, "shared", False):
+            print(f"error: {e}" if not isinstance(e, StopRequested) else str(e), file=sys.stderr)
         return 130 if isinstance(e, StopRequested) else 2
+    finally:
+        leave_process_group()
     return 0
 
 

@@ -7,6 +7,8 @@ Training speed of run_vae.train, end to end, against the FLOP ceiling and a plai
     python bench/bench_train.py --quick --threads=1   # steadier ratios while other jobs share the CPU
     python bench/bench_train.py --data=my_images --image_size=128 --rounds=3
     python bench/bench_train.py --recipes             # ~1 min: cost of a step with each loss recipe
+    python bench/bench_train.py --quick --data_paths  # batches from host memory and from a memmap vs on the device
+    python bench/bench_train.py --quick --ddp 1,2     # torchrun with 1 and 2 processes: scaling, all-reduce per step
 
 Data: ../shared/data/apples when present, else generated JPEG fruit (run_vae's demo renderer).
 Config: 64x64, latent 128 (run_vae's defaults) at batch 64 and Adam 1e-3, the reference setting of the
@@ -17,9 +19,16 @@ decoded-data cache hit, model build) is real and its peak RSS is its own. Other 
 change absolute speeds from minute to minute, so the variants are interleaved round by round (order
 reversed every other round), the matmul ceiling is measured right before and after each run, and
 every figure we care about is a ratio within one round (median over rounds).
+
+--data_paths and --ddp measure other questions, in place of the figures above. --data_paths: the same
+training with its batches read from the device, from host memory (data.device_budget=0) and from the
+memory-mapped cache (data.host_budget=0, built and read once beforehand: a warm page cache). --ddp N,M:
+the same training under `torchrun --standalone --nproc_per_node=N` (train.batch_size the global batch),
+with a DDP communication hook timing each gradient all-reduce, and the BatchNorm syncs timed apart.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -119,6 +128,9 @@ def child_trainer(job, started):
         return out
 
     run_vae.train_step = recording_step
+    comm = watch_communication() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if comm is not None:
+        run_vae.train_step = comm["step"](recording_step)
     load_data = time.perf_counter()
     cfg = run_vae.load_config(None, job["config"])
     run_vae.load_data(cfg)  # a cache hit: what every run after the first pays for its data
@@ -134,7 +146,75 @@ def child_trainer(job, started):
             "fits": tm["prior_fits"], "epoch_end_s": sum(epoch_end.values()), "epoch_end_parts": epoch_end,
             "images_per_s": len(losses) * bs / loop_s,
             "step_images_per_s": len(losses) * bs / (loop_s - sum(epoch_end.values())),
-            "losses": torch.stack(losses).float().tolist(), "peak_rss_mib": peak_rss_mib()}
+            "losses": torch.stack(losses).float().tolist(), "peak_rss_mib": peak_rss_mib(),
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),
+            "allreduce_s_per_step": statistics.median(comm["allreduce"]) if comm else 0.0,
+            "bn_sync_s_per_step": statistics.median(comm["bn_sync"]) if comm else 0.0,
+            "step_s": statistics.median(comm["step_s"]) if comm else None}
+
+
+def union_length(intervals):
+    """Seconds covered by a set of (start, end) intervals: overlapping all-reduces count once."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def watch_communication():
+    """Per training step of a torchrun worker: the wall time the gradient all-reduces were running (a DDP
+    communication hook around PyTorch's own all-reduce hook; the buckets overlap the backward pass and
+    each other), the time spent syncing BatchNorm statistics, and the step's own time."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    found = {"allreduce": [], "bn_sync": [], "step_s": []}
+    intervals, bn, hooked = [], [0.0], []
+
+    def hook(state, bucket):
+        start = time.perf_counter()
+
+        def done(fut):
+            intervals.append((start, time.perf_counter()))
+            return fut.value()
+        return allreduce_hook(state, bucket).then(done)
+
+    sync = run_vae.AllReduceSum
+
+    class TimedSync(sync):
+        @staticmethod
+        def forward(ctx, x):
+            start = time.perf_counter()
+            out = sync.forward(ctx, x)
+            bn[0] += time.perf_counter() - start
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            start = time.perf_counter()
+            out = sync.backward(ctx, grad)
+            bn[0] += time.perf_counter() - start
+            return out
+    run_vae.AllReduceSum = TimedSync
+
+    def step(inner):
+        def timed_step(run, *args):
+            if not hooked:  # before the first backward pass, as DDP requires
+                run.train_model.register_comm_hook(None, hook)
+                hooked.append(True)
+            intervals.clear()
+            bn[0] = 0.0
+            start = time.perf_counter()
+            out = inner(run, *args)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            found["step_s"].append(time.perf_counter() - start)
+            found["allreduce"].append(union_length(intervals))
+            found["bn_sync"].append(bn[0])
+            return out
+        return timed_step
+    found["step"] = step
+    return found
 
 
 def child_baseline(job, started):
@@ -172,14 +252,16 @@ def child_baseline(job, started):
             "workers_peak_rss_mib": peak_rss_mib(resource.RUSAGE_CHILDREN)}
 
 
-def run_child(kind, job, workdir):
-    """Start a fresh interpreter for one measured run; its clock starts when we launch it."""
+def run_child(kind, job, workdir, processes=0):
+    """Start a fresh interpreter for one measured run; its clock starts when we launch it. processes > 0:
+    under `torchrun --standalone --nproc_per_node=processes`, rank 0 reporting."""
     name = f"{kind}_{job['tag']}"
     job_file, out_file, log_file = (workdir / f"{name}.{ext}" for ext in ("job.json", "out.json", "log"))
     job_file.write_text(json.dumps(job))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes else []
     started = time.time()
     with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, str(job_file), str(out_file),
+        proc = subprocess.run([sys.executable, *launcher, __file__, "--child", kind, str(job_file), str(out_file),
                                repr(started)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{log_file.read_text()[-3000:]}")
@@ -235,6 +317,28 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def data_folder(args, workdir):
+    """The benchmark's image folder and a note saying what it is."""
+    src = Path(args.data)
+    if src.is_dir():
+        data_root = subset_folder(src, workdir / "data", args.subset) if args.subset else src
+        return data_root, f"{src}" + (f" (first {args.subset} per class)" if args.subset else "")
+    return (generated_folder(workdir / "generated", args.subset or 300),
+            f"generated JPEG fruit ({args.subset or 300} per class; {src} not found)")
+
+
+def config_maker(args, workdir, data_root):
+    def config(name, precision, seed, epochs=args.epochs, data=None):
+        return {"run": {"name": name, "seed": seed, "device": args.device, "log_dir": str(workdir / "logs"),
+                        "best_dir": str(workdir / "best")},
+                "data": {"root": str(data_root), "image_size": args.image_size, "cache_dir": str(workdir / "cache"),
+                         **(data or {})},
+                "model": {"latent_dim": args.latent_dim},
+                "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": 1e-3, "precision": precision},
+                "fid": {"enabled": False}}
+    return config
+
+
 def bench(args):
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     if args.threads:
@@ -244,21 +348,8 @@ def bench(args):
     half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     load_before = os.getloadavg()
 
-    src = Path(args.data)
-    if src.is_dir():
-        data_root = subset_folder(src, workdir / "data", args.subset) if args.subset else src
-        data_note = f"{src}" + (f" (first {args.subset} per class)" if args.subset else "")
-    else:
-        data_root = generated_folder(workdir / "generated", args.subset or 300)
-        data_note = f"generated JPEG fruit ({args.subset or 300} per class; {src} not found)"
-
-    def config(name, precision, seed, epochs=args.epochs):
-        return {"run": {"name": name, "seed": seed, "device": args.device, "log_dir": str(workdir / "logs"),
-                        "best_dir": str(workdir / "best")},
-                "data": {"root": str(data_root), "image_size": args.image_size, "cache_dir": str(workdir / "cache")},
-                "model": {"latent_dim": args.latent_dim},
-                "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": 1e-3, "precision": precision},
-                "fid": {"enabled": False}}
+    data_root, data_note = data_folder(args, workdir)
+    config = config_maker(args, workdir, data_root)
 
     cfg = run_vae.load_config(None, config("flops", "fp32", 0))
     t = time.perf_counter()
@@ -362,6 +453,114 @@ def bench(args):
     return fig
 
 
+def setup(args):
+    """Work folder, device, the precision `auto` picks there, and the data (decoded once into the cache)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = run_vae.pick_device(args.device)
+    auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run_vae.pick_precision("auto", device)]
+    data_root, data_note = data_folder(args, workdir)
+    config = config_maker(args, workdir, data_root)
+    cfg = run_vae.load_config(None, config("flops", "fp32", 0))
+    n_images = len(run_vae.load_image_folder(cfg["data"]["root"], args.image_size, cfg["data"]["cache_dir"]))
+    return workdir, device, auto, config, cfg, data_note, n_images
+
+
+def interleaved(args, variants, run_one):
+    """Each round runs every variant once, in reversed order every other round; {variant: result} per round."""
+    rounds = []
+    for r in range(args.rounds):
+        res = {}
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            res[v] = run_one(v, r)
+            log(args, f"round {r + 1}/{args.rounds} {v:>10}: {res[v]['images_per_s']:6.1f} img/s end to end, "
+                      f"{res[v]['step_images_per_s']:6.1f} in the step loop")
+        rounds.append(res)
+    return rounds
+
+
+def bench_data_paths(args):
+    """Throughput with batches read from host memory and from the warm memmap, against the device path."""
+    workdir, device, auto, config, cfg, data_note, n_images = setup(args)
+    t = time.perf_counter()
+    mapped = run_vae.load_image_folder(cfg["data"]["root"], args.image_size, cfg["data"]["cache_dir"], max_bytes=0)
+    mapped.images[:]  # one full read: the page cache is warm, as after a first epoch
+    build_s = time.perf_counter() - t
+    budgets = {"device": {}, "host": {"device_budget": "0"}, "memmap": {"host_budget": "0"}}
+
+    def run_one(v, r):
+        job = {"tag": f"{v}_r{r}", "config": config(f"{v}_r{r}", auto, 0, data=budgets[v]), "threads": args.threads}
+        return run_child("trainer", job, workdir)
+    rounds = interleaved(args, list(budgets), run_one)
+
+    def per_round(fn):
+        return median([fn(res) for res in rounds])
+    fig = {f"{key}_{v}": per_round(lambda res: res[v][key]) for v in budgets
+           for key in ("images_per_s", "step_images_per_s")}
+    for v in ("host", "memmap"):
+        fig[f"{v}_vs_device"] = per_round(lambda res: res[v]["images_per_s"] / res["device"]["images_per_s"])
+        fig[f"{v}_vs_device_steps"] = per_round(
+            lambda res: res[v]["step_images_per_s"] / res["device"]["step_images_per_s"])
+    fig.update(memmap_build_s=build_s, memmap_mib=mapped.nbytes / 2 ** 20, precision=auto, device=str(device),
+               images=n_images, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
+               rounds=args.rounds, threads=torch.get_num_threads(), data=data_note)
+    log(args, "\n".join([
+        "",
+        f"{device}, precision {auto}, {n_images} images {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+        f"{args.epochs} epoch(s) per run, {args.rounds} round(s); memmap cache {fig['memmap_mib']:.1f} MiB, "
+        f"built and read once in {build_s:.1f} s (warm page cache)",
+        *(f"{v:>7}: {fig[f'images_per_s_{v}']:7.1f} img/s end to end, {fig[f'step_images_per_s_{v}']:7.1f} in the "
+          f"step loop" + ("" if v == "device" else f" = {fig[f'{v}_vs_device']:.0%} of the device path "
+                          f"({fig[f'{v}_vs_device_steps']:.0%} in the step loop; target >= 90 %)") for v in budgets)]))
+    return fig
+
+
+def bench_ddp(args, processes):
+    """The same training under torchrun with each number of processes: images/s, and per step the time
+    gradient all-reduces run and the time BatchNorm statistics take to sync."""
+    workdir, device, auto, config, cfg, data_note, n_images = setup(args)
+
+    def run_one(v, r):
+        n = int(v.split("x")[0])
+        job = {"tag": f"{v}_r{r}", "config": config(f"{v}_r{r}", auto, 0), "threads": args.threads}
+        return run_child("trainer", job, workdir, processes=n)
+    names = [f"{n}x" for n in processes]
+    rounds = interleaved(args, names, run_one)
+
+    def per_round(fn):
+        return median([fn(res) for res in rounds])
+    fig = {}
+    for n, v in zip(processes, names):
+        fig[f"images_per_s_{v}"] = per_round(lambda res: res[v]["images_per_s"])
+        fig[f"step_images_per_s_{v}"] = per_round(lambda res: res[v]["step_images_per_s"])
+        if n > 1:
+            fig[f"allreduce_s_per_step_{v}"] = per_round(lambda res: res[v]["allreduce_s_per_step"])
+            fig[f"bn_sync_s_per_step_{v}"] = per_round(lambda res: res[v]["bn_sync_s_per_step"])
+            fig[f"step_s_{v}"] = per_round(lambda res: res[v]["step_s"])
+            fig[f"allreduce_fraction_{v}"] = fig[f"allreduce_s_per_step_{v}"] / fig[f"step_s_{v}"]
+        if processes[0] != n:
+            fig[f"speedup_{v}"] = per_round(lambda res: res[v]["step_images_per_s"] / res[names[0]]["step_images_per_s"])
+            fig[f"efficiency_{v}"] = fig[f"speedup_{v}"] / (n / processes[0])
+    fig.update(processes=processes, precision=auto, device=str(device), images=n_images, image_size=args.image_size,
+               batch_size=args.batch_size, epochs=args.epochs, rounds=args.rounds, threads_per_process=args.threads,
+               data=data_note, load_average=round(os.getloadavg()[0], 2))
+    lines = ["", f"{device}, precision {auto}, {n_images} images {args.image_size}x{args.image_size}, global batch "
+                 f"{args.batch_size}, {args.threads or 'default'} thread(s) per process, load average "
+                 f"{fig['load_average']}"]
+    for n, v in zip(processes, names):
+        line = f"{n} process(es): {fig[f'step_images_per_s_{v}']:7.1f} img/s in the step loop"
+        if f"speedup_{v}" in fig:
+            line += f", {fig[f'speedup_{v}']:.2f}x {processes[0]} ({fig[f'efficiency_{v}']:.0%} efficiency)"
+        if n > 1:
+            line += (f"; per step {fig[f'step_s_{v}'] * 1e3:.0f} ms, gradient all-reduce running "
+                     f"{fig[f'allreduce_s_per_step_{v}'] * 1e3:.1f} ms ({fig[f'allreduce_fraction_{v}']:.0%}, overlapping "
+                     f"the backward pass), BatchNorm sync {fig[f'bn_sync_s_per_step_{v}'] * 1e3:.1f} ms")
+        lines.append(line)
+    log(args, "\n".join(lines))
+    return fig
+
+
 RECIPES = run_vae.LOSS_RECIPES
 
 
@@ -461,13 +660,18 @@ def main(argv=None):
     p.add_argument("--recipes", action="store_true", help="only the step cost of each loss recipe (plain, "
                                                           "perceptual, adversarial, both)")
     p.add_argument("--json", action="store_true", help="figures as one JSON object on the last line")
+    p.add_argument("--data_paths", action="store_true",
+                   help="instead: batches from the device, host memory and the memmap (data.*_budget)")
+    p.add_argument("--ddp", default="", help="instead: torchrun with these numbers of processes, e.g. 1,2 (one "
+                                             "per GPU; on CPUs with --threads each)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         kind, job_file, out_file, started = args.child
         fn = {"trainer": child_trainer, "baseline": child_baseline}[kind]
         out = fn(json.loads(Path(job_file).read_text()), float(started))
-        Path(out_file).write_text(json.dumps(out))
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(out_file).write_text(json.dumps(out))
         return 0
     if args.quick:
         args.subset = args.subset or 320
@@ -475,7 +679,15 @@ def main(argv=None):
     if args.recipes:
         bench_recipes(args)
         return 0
-    bench(args)
+    fig = {}
+    if args.data_paths:
+        fig.update(data_paths=bench_data_paths(args))
+    if args.ddp:
+        fig.update(ddp=bench_ddp(args, [int(n) for n in args.ddp.split(",")]))
+    if not fig:
+        bench(args)
+    elif args.json:
+        print(json.dumps(fig))
     return 0
 
 

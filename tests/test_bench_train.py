@@ -1,5 +1,6 @@
 """bench/bench_train.py end to end on tiny images: every measured run starts, the --json line has the figures."""
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,29 @@ def test_loss_curve_comparison():
     a = [10.0, 8.0, 6.0, 5.0, 4.0, 4.0]
     assert bench_train.max_rel_diff(a, a, 2) == 0.0
     assert abs(bench_train.max_rel_diff([x * 1.01 for x in a], a, 2) - 0.01) < 1e-9
+
+
+def test_data_paths_and_ddp_figures(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data", str(images),
+                          "--data_paths", "--ddp", "2", "--threads", "1", "--epochs", "1", "--json", *TINY],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    paths, ddp = figures["data_paths"], figures["ddp"]
+    for key in ("images_per_s_device", "host_vs_device", "memmap_vs_device", "memmap_vs_device_steps"):
+        assert isinstance(paths[key], float) and paths[key] > 0, key
+    assert paths["memmap_mib"] == 36 * 3 * 16 * 16 / 2 ** 20
+    for key in ("step_images_per_s_2x", "allreduce_s_per_step_2x", "bn_sync_s_per_step_2x", "step_s_2x"):
+        assert isinstance(ddp[key], float) and ddp[key] > 0, key
+    assert ddp["allreduce_s_per_step_2x"] < ddp["step_s_2x"]
+    assert "gradient all-reduce running" in out.stderr and "of the device path" in out.stderr
+
+
+def test_overlapping_all_reduces_count_once():
+    assert bench_train.union_length([(0.0, 1.0), (0.5, 2.0), (3.0, 3.5)]) == 2.5
+    assert bench_train.union_length([(1.0, 2.0), (0.0, 3.0)]) == 3.0 and bench_train.union_length([]) == 0.0
 
 
 def test_recipe_costs_count_the_extra_networks():

@@ -1,0 +1,263 @@
+"""Training under torchrun: 2 gloo processes on the CPU, tiny images, three launches shared by the tests.
+
+What is checked: both ranks end with the same weights and buffers; with the sampling noise taken out, the
+loss curve equals a one-process run with the same global batch (SyncBatchNorm-like global statistics make
+that possible); only rank 0 writes files, scores FID and fits the prior; a Ctrl-C that torchrun forwards
+stops both ranks at the same step and --resume then equals an uninterrupted run bit for bit; checkpoints
+move both ways between a 2-process group and one process.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import run_vae
+from conftest import ROOT, make_image_folder, tiny_config, tiny_features
+from test_training import assert_same_weights, weights
+
+# Runs the jobs of a JSON file in each torchrun worker, recording what the worker writes under `watch`
+# (Python's audit hooks see every open for writing, rename, removal and mkdir).
+DRIVER = textwrap.dedent("""
+    import contextlib, json, os, signal, sys, time
+    sys.path[:0] = [{tests!r}, {root!r}]
+    import torch
+    import run_vae
+    from conftest import tiny_features
+
+    rank = int(os.environ["RANK"])
+    jobs_file, watch, report_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    writes, recording = [], [True]
+
+    def audit(event, args):
+        if not recording[0] or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        if event == "open":
+            mode, flags = args[1], args[2] or 0
+            if not (mode and any(c in mode for c in "wax+")) and not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                return
+        elif event not in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate"):
+            return
+        if os.fsdecode(args[0]).startswith(watch):
+            writes.append(event + " " + os.fsdecode(args[0]))
+    sys.addaudithook(audit)
+
+    def forward_without_noise(self, x, y=None):  # z = mu: the loss is a function of weights and batch alone
+        mu, logvar = self.encode(x, y)
+        return self.decode(mu, y), mu, logvar
+
+    real_interrupts = run_vae.graceful_interrupts
+
+    @contextlib.contextmanager
+    def watched_interrupts(flag):
+        stop_flags.append(flag)
+        with real_interrupts(flag):
+            yield
+    run_vae.graceful_interrupts, stop_flags = watched_interrupts, []
+
+    def interrupt_through_torchrun():
+        # what a Ctrl-C in the terminal does: torchrun gets SIGINT and forwards it to every worker. This rank
+        # waits until its own handler has run, so the stop is requested during a known step.
+        os.kill(os.getppid(), signal.SIGINT)
+        for _ in range(6000):
+            if stop_flags[-1]["stop"]:
+                return
+            time.sleep(0.01)
+        raise RuntimeError("torchrun did not forward SIGINT within 60 s")
+
+    results = []
+    for job in json.load(open(jobs_file)):
+        seen, fits = {{}}, [0]
+        real_step, real_fit, real_forward = run_vae.train_step, run_vae.fit_prior, run_vae.VAE.forward
+
+        def step(run, *args):
+            seen["run"] = run
+            out = real_step(run, *args)
+            if rank == 1 and run.step == job.get("interrupt_during_step"):
+                interrupt_through_torchrun()
+            return out
+
+        def fit(*args, **kwargs):
+            fits[0] += 1
+            return real_fit(*args, **kwargs)
+        run_vae.train_step, run_vae.fit_prior = step, fit
+        if job.get("without_noise"):
+            run_vae.VAE.forward = forward_without_noise
+        features = tiny_features() if job.get("fid") else None
+        try:
+            if "argv" in job:
+                status = run_vae.main(job["argv"])
+            else:
+                run_vae.train(run_vae.load_config(None, job["config"]), resume=job.get("resume", False),
+                              fid_features=features)
+                status = "done"
+        except run_vae.StopRequested as e:
+            status = str(e)
+        finally:
+            run_vae.train_step, run_vae.fit_prior, run_vae.VAE.forward = real_step, real_fit, real_forward
+        recording[0] = False
+        if job.get("dump"):
+            run = seen["run"]
+            disc = run.sharp.disc.state_dict() if run.sharp is not None else {{}}
+            torch.save({{"model": run.model.state_dict(), "sampling": run.sampling_model.state_dict(), "disc": disc}},
+                       job["dump"].format(rank=rank))
+        recording[0] = True
+        results.append({{"status": status, "fid_images": features.calls if features else 0, "prior_fits": fits[0]}})
+    recording[0] = False
+    json.dump({{"rank": rank, "writes": writes, "jobs": results}}, open(report_file.format(rank=rank), "w"))
+""")
+
+
+def forward_without_noise(self, x, y=None):
+    mu, logvar = self.encode(x, y)
+    return self.decode(mu, y), mu, logvar
+
+
+def torchrun(tmp_path, name, jobs, expect_success=True, timeout=240):
+    """One `torchrun --standalone --nproc_per_node=2` launch of the driver; the ranks' reports, and the output."""
+    driver, jobs_file = tmp_path / "driver.py", tmp_path / f"{name}.json"
+    driver.write_text(DRIVER.format(tests=str(ROOT / "tests"), root=str(ROOT)))
+    jobs_file.write_text(json.dumps(jobs))
+    report = str(tmp_path / f"{name}_rank{{rank}}.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(driver), str(jobs_file), str(tmp_path / "out"), report],
+                         capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert out.returncode == 0 or not expect_success, f"{name}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    reports = []
+    for rank in (0, 1):
+        path = tmp_path / f"{name}_rank{rank}.json"
+        assert path.is_file(), f"rank {rank} of {name} did not finish:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+        reports.append(json.loads(path.read_text()))
+    return reports, out
+
+
+def config(tmp_path, images, name, **sections):
+    train = {"epochs": 2, "batch_size": 8, "log_every": 1, **sections.pop("train", {})}
+    return tiny_config(tmp_path / "out", images, run={"name": name}, train=train, **sections)
+
+
+def curve(run_dir, tag="train/loss"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, and a
+    discriminator with R1 and DiffAugment), and the full run again, stopped in epoch 2 by a Ctrl-C sent to
+    torchrun (last: torchrun shuts down after it).
+    Second: that run's --resume, and the --resume under torchrun of a run one process began (through
+    run_vae.main, as the command line does)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    images = make_image_folder(tmp / "images")  # 36 images: 29 train (3 steps of 8 an epoch), 7 validation
+    (tmp / "dumps").mkdir()
+    full = {"data": {"hflip": True}, "model": {"conditional": True}, "train": {"ema": 0.9},
+            "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6},
+            "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0}}
+    cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
+            "part": config(tmp, images, "part", **full), "solo": config(tmp, images, "solo")}
+    dump = str(tmp / "dumps" / "{name}_rank{{rank}}.pt")
+    first, first_out = torchrun(tmp, "first", [
+        {"config": cfgs["exact"], "without_noise": True, "dump": dump.format(name="exact")},
+        {"config": cfgs["full"], "fid": True, "dump": dump.format(name="full")},
+        # epoch 1 is steps 0-2: rank 1 has torchrun interrupt the group during step 4, the second of epoch 2
+        {"config": cfgs["part"], "fid": True, "interrupt_during_step": 4}], expect_success=False)
+    run_vae.train(cfgs["solo"], max_epochs=1)  # one process, epoch 1 of 2; the second launch finishes it
+    solo_yaml = tmp / "solo.yaml"
+    solo_yaml.write_text(run_vae.config_to_yaml(cfgs["solo"]))
+    second, second_out = torchrun(tmp, "second", [
+        {"config": cfgs["part"], "resume": True, "fid": True, "dump": dump.format(name="part")},
+        {"argv": ["--config", str(solo_yaml), "--resume"], "dump": dump.format(name="solo")}])
+    return {"tmp": tmp, "images": images, "cfgs": cfgs, "reports": {"first": first, "second": second},
+            "outputs": {"first": first_out, "second": second_out}}
+
+
+def test_both_ranks_end_with_the_same_weights_and_buffers(group):
+    for name in ("exact", "full", "part", "solo"):
+        a, b = (torch.load(group["tmp"] / "dumps" / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
+        for key in ("model", "sampling", "disc"):  # sampling: the EMA weights of the full run
+            assert_same_weights(a[key], b[key])
+        assert a["model"]["prior_mean"].abs().sum() > 0  # fitted on rank 0 and sent: not N(0, I) anywhere
+
+
+def test_without_noise_the_loss_curve_equals_one_process_with_the_same_global_batch(group, tmp_path, monkeypatch):
+    # With z = mu a step is a function of the weights and the batch alone, so the 2-process run (global batch
+    # 8, 4 images a rank, BatchNorm over all 8) can only differ from one process by rounding, which Adam's
+    # first steps amplify. The yardstick: the same one-process run with each batch's images in reverse order,
+    # the same sums in another order. Plain per-rank BatchNorm misses it from the first step (4e-3, then 2-5 %).
+    monkeypatch.setattr(run_vae.VAE, "forward", forward_without_noise)
+    one = run_vae.train(tiny_config(tmp_path, group["images"], run={"name": "one"},
+                                    train={"epochs": 2, "log_every": 1}))["run_dir"]
+    real_batches = run_vae.iterate_batches
+    monkeypatch.setattr(run_vae, "iterate_batches", lambda *a, **kw: [b.flip(0) for b in real_batches(*a, **kw)])
+    reordered = run_vae.train(tiny_config(tmp_path, group["images"], run={"name": "reordered"},
+                                          train={"epochs": 2, "log_every": 1}))["run_dir"]
+    single, two, again = curve(one), curve(group["tmp"] / "out/logs/exact"), curve(reordered)
+    assert len(single) == len(two) == len(again) == 6 and single[-1] < 0.8 * single[0]  # it trains
+    gaps = [abs(a - b) / b for a, b in zip(two, single)]
+    floor = [abs(a - b) / b for a, b in zip(again, single)]
+    assert gaps[0] < 1e-6 and max(floor) < 1e-2, (gaps, floor)
+    assert all(g <= 2 * f + 1e-6 for g, f in zip(gaps, floor)), (gaps, floor)
+    a, b = load_metrics(group["tmp"] / "out/logs/exact"), load_metrics(one)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-2) and a["val_neg_elbo"] == pytest.approx(b["val_neg_elbo"], rel=1e-2)
+
+
+def load_metrics(run_dir):
+    return run_vae.load_checkpoint(f"{run_dir}/last.pt")["metrics"]
+
+
+def test_only_rank_0_writes_scores_fid_and_fits_the_prior(group):
+    out = str(group["tmp"] / "out")
+    for launch, reports in group["reports"].items():
+        rank0, rank1 = reports
+        assert rank1["writes"] == [], (launch, rank1["writes"])
+        assert any("last.pt" in w for w in rank0["writes"]), launch  # the hook does see rank 0's writes
+        assert all(w.split(" ", 1)[1].startswith(out) for w in rank0["writes"])
+        for job0, job1 in zip(rank0["jobs"], rank1["jobs"]):
+            assert job1["fid_images"] == 0 and job1["prior_fits"] == 0
+    full0 = group["reports"]["first"][0]["jobs"][1]
+    assert full0["fid_images"] == 2 * 12 + 12 and full0["prior_fits"] == 2  # FID every epoch + real set once
+    files = sorted(p.name for p in (group["tmp"] / "out/logs/full").iterdir())
+    assert files[:1] == ["config.yaml"] and files[-1] == "last.pt" and len(files) == 3  # and one events file
+    printed = group["outputs"]["first"].stdout
+    assert printed.count("epoch 2/2 ") == 2 and printed.count("training images:") == 3  # rank 0, per job
+
+
+def test_ctrl_c_stops_both_ranks_at_one_step_and_resume_equals_an_uninterrupted_run(group):
+    statuses = [r["jobs"][2]["status"] for r in group["reports"]["first"]]
+    assert all(s.startswith("stopped at epoch 2 step 5;") for s in statuses), statuses  # both ranks, one step
+    tmp = group["tmp"]
+    assert [r["jobs"][0]["status"] for r in group["reports"]["second"]] == ["done", "done"]
+    full = torch.load(tmp / "dumps/full_rank0.pt", weights_only=True)
+    part = torch.load(tmp / "dumps/part_rank0.pt", weights_only=True)
+    assert_same_weights(full["model"], part["model"])
+    assert_same_weights(full["sampling"], part["sampling"])
+    assert full["disc"]
+    assert_same_weights(full["disc"], part["disc"])
+    a, b = (run_vae.load_checkpoint(tmp / f"out/logs/{n}/last.pt") for n in ("full", "part"))
+    assert a["metrics"]["fid"] == b["metrics"]["fid"] and a["step"] == b["step"] == 6
+    assert len(a["rank_rng"]) == 2 and not torch.equal(a["rank_rng"][0]["torch"], a["rank_rng"][1]["torch"])
+
+
+def test_a_2_process_checkpoint_loads_in_one_process_and_the_reverse(group, tmp_path):
+    tmp, cfgs = group["tmp"], group["cfgs"]
+    best = run_vae.load_checkpoint(tmp / "out/best/full.pt")
+    assert not any(k.startswith("module.") for k in best["model"])
+    run_vae.model_from_checkpoint(best)  # what test mode and the UI do
+    test_cfg = run_vae.merge_config(cfgs["full"], {"run": {"mode": "test"}, "test": {
+        "checkpoint": str(tmp / "out/best/full.pt"), "out_dir": str(tmp_path / "test")}}, "test")
+    metrics = run_vae.test(test_cfg, fid_features=tiny_features())
+    assert metrics["epoch"] == best["epoch"] and (tmp_path / "test/samples.png").is_file()
+    # one process continues the group's run for a 3rd epoch; the group continued a one-process run
+    more = run_vae.merge_config(cfgs["full"], {"train": {"epochs": 3}, "run": {
+        "name": "more", "log_dir": str(tmp_path / "logs"), "best_dir": str(tmp_path / "best")}}, "more")
+    (tmp_path / "logs/more").mkdir(parents=True)
+    (tmp_path / "logs/more/last.pt").write_bytes((tmp / "out/logs/full/last.pt").read_bytes())
+    assert run_vae.train(more, resume=True, fid_features=tiny_features())["epoch"] == 3
+    assert group["reports"]["second"][0]["jobs"][1]["status"] == 0
+    solo = run_vae.load_checkpoint(tmp / "out/logs/solo/last.pt")
+    assert solo["epoch"] == 2 and len(solo["rank_rng"]) == 2
