@@ -561,9 +561,7 @@ def bench_ddp(args, processes):
     return fig
 
 
-# the loss recipes of bench/quality.py: what each extra network costs per training image
-RECIPES = {"plain": {}, "perceptual": {"perceptual": 0.05}, "adversarial": {"adversarial": 0.5},
-           "both": {"perceptual": 0.05, "adversarial": 0.5}}
+RECIPES = run_vae.LOSS_RECIPES
 
 
 def bench_recipes(args):

