@@ -743,8 +743,8 @@ def check_classes_kept(root, classes, labels):
 def available_ram():
     """Bytes of RAM the kernel can give without swapping (MemAvailable), or all of it where that is unknown."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
-        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        return int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -2527,7 +2527,7 @@ def train_epoch(run, stop):
         run.epoch_sums += torch.cat([parts.float(), parts.new_ones(1, dtype=torch.float32)])
         run.step += 1
         run.batch_in_epoch += 1
-        stopping = stop["stop"] and world.size == 1
+        stopping = stop["stop"] and world.size == 1  # a group stops only where its ranks agree, below
         if run.step % t["log_every"] == 0 or run.batch_in_epoch == len(batches):
             names = sorted(extra_logs)  # the extra terms' logs, averaged with the losses in one all-reduce
             packed = torch.cat([parts.float(), *(extra_logs[k].float().reshape(1) for k in names)])
@@ -2896,11 +2896,9 @@ def main(argv=None):
         else:
             summary = train(cfg, resume=args.resume)
             best = summary["best"]
-            if not is_main:
-                pass
-            elif best["epoch"] is None:
+            if is_main and best["epoch"] is None:
                 print(f"done: no epoch improved {best['metric']}; no best checkpoint was written")
-            else:
+            elif is_main:
                 print(f"done: best {best['metric']}={best['value']:.4g} at epoch {best['epoch']} "
                       f"-> {summary['best_checkpoint']}")
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, StopRequested) as e:

@@ -261,3 +261,37 @@ def test_a_2_process_checkpoint_loads_in_one_process_and_the_reverse(group, tmp_
     assert group["reports"]["second"][0]["jobs"][1]["status"] == 0
     solo = run_vae.load_checkpoint(tmp / "out/logs/solo/last.pt")
     assert solo["epoch"] == 2 and len(solo["rank_rng"]) == 2
+
+
+def test_synced_batch_norm_keeps_the_checkpoint_keys_and_is_plain_batch_norm_in_one_process():
+    plain = run_vae.VAE(16, 8, 3)
+    keys = list(plain.state_dict())
+    gpu = run_vae.with_synced_batch_norm(run_vae.VAE(16, 8, 3), torch.device("cuda"))  # conversion needs no GPU
+    cpu = run_vae.with_synced_batch_norm(run_vae.VAE(16, 8, 3), torch.device("cpu"))
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in gpu.modules()) == 6
+    assert sum(isinstance(m, run_vae.GlobalBatchNorm2d) for m in cpu.modules()) == 6
+    assert list(gpu.state_dict()) == keys == list(cpu.state_dict())
+    cpu.load_state_dict(plain.state_dict())
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    plain.train(), cpu.train()
+    assert torch.equal(plain.encode(x, y)[0], cpu.encode(x, y)[0])  # no process group: BatchNorm2d itself
+
+
+def test_each_process_of_a_group_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    second = run_vae.World(rank=3, size=4, local_rank=1, local_size=2)
+    assert run_vae.pick_device("auto", second) == torch.device("cuda", 1)
+    assert run_vae.pick_device("cpu", second) == torch.device("cpu")
+    with pytest.raises(run_vae.ConfigError, match="GPU of its LOCAL_RANK"):
+        run_vae.pick_device("cuda:0", second)
+    with pytest.raises(run_vae.ConfigError, match="--nproc_per_node=2"):
+        run_vae.pick_device("auto", run_vae.World(rank=2, size=3, local_rank=2, local_size=3))
+    assert second.shard(torch.arange(8)).tolist() == [6, 7]  # rank 3 of 4: the last quarter
+
+
+def test_a_batch_the_processes_cannot_share_evenly_is_refused(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(run_vae, "join_process_group", lambda device: run_vae.World(0, 3, 0, 3))
+    with pytest.raises(run_vae.ConfigError, match="train.batch_size=8 is the global batch.*multiple of 3"):
+        run_vae.train(tiny_config(tmp_path, image_folder))
+    assert not (tmp_path / "logs").exists()  # refused before anything was written

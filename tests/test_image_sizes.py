@@ -1,15 +1,16 @@
 """data.image_size 128 and 256 end to end on a few tiny images: training with FID, test mode, the UI, and the
 FID network's own resizing of such images."""
 import math
-import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from streamlit.testing.v1 import AppTest
 
 import run_vae
-from conftest import ROOT, make_image_folder, tiny_config, tiny_features
+from conftest import make_image_folder, tiny_config, tiny_features
+from test_ui import expected_samples, start_app
 
 
 @pytest.mark.parametrize("size", [128, 256])
@@ -28,12 +29,9 @@ def test_large_images_train_score_test_and_show_in_the_ui(tmp_path, monkeypatch,
     assert math.isfinite(metrics["fid"])
     with Image.open(tmp_path / "logs/tiny/test/samples.png") as im:
         assert im.height == 3 * (size + 2) + 2  # one row of `size` px samples per class
-    monkeypatch.setattr(sys, "argv", ["ui.py", "--best-dir", str(tmp_path / "best"), "--logs-dir",
-                                      str(tmp_path / "logs"), "--checkpoint", summary["best_checkpoint"]])
-    at = AppTest.from_file(str(ROOT / "ui.py"), default_timeout=120).run()
+    at = start_app(monkeypatch, tmp_path, "--checkpoint", summary["best_checkpoint"])  # the gallery
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
-    assert at.session_state["samples_grid"].shape[0] == 3 * (size + 2) + 2  # 3 classes of 8 samples
-    assert len(at.image) == 3  # samples, reconstructions, interpolation
+    assert np.array_equal(at.session_state["samples_grid"], expected_samples(Path(summary["best_checkpoint"]), 6, 0, 1.0))
 
 
 def test_the_fid_network_takes_128_and_256_pixel_images():
