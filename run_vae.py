@@ -610,6 +610,8 @@ def average_gradients_over_ranks(module, world):
         dist.all_reduce(p.grad)
         p.grad.div_(world.size)
     if world.size > 1:
+        for tensor in module.state_dict().values():  # start from rank 0's weights, whatever each rank's RNG did
+            dist.broadcast(tensor, src=0)
         for p in module.parameters():
             p.register_post_accumulate_grad_hook(average)
 
@@ -2335,12 +2337,12 @@ class Run:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t["ema"]), use_buffers=True)
         self.shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
         self.epoch_shuffle_state = self.shuffle.get_state()
-        self.fid = (FIDScorer(cfg, self.data, train_idx, val_idx, self.device, fid_features)
-                    if cfg["fid"]["enabled"] and self.world.is_main else None)  # rank 0 alone scores
         sharp = SharpTerms(cfg, self.device, self.steps_per_epoch, self.amp_dtype)
         self.sharp = sharp if sharp.enabled else None  # perceptual / adversarial terms (loss section)
         if self.sharp is not None and self.sharp.disc is not None:
             average_gradients_over_ranks(self.sharp.disc, self.world)
+        self.fid = (FIDScorer(cfg, self.data, train_idx, val_idx, self.device, fid_features)
+                    if cfg["fid"]["enabled"] and self.world.is_main else None)  # rank 0 alone scores
 
         self.epoch = self.step = self.batch_in_epoch = 0
         self.epoch_sums = torch.zeros(4, device=self.device)  # loss, recon, kl, steps: summed on device
