@@ -92,7 +92,7 @@ DRIVER = textwrap.dedent("""
                 status = run_vae.main(job["argv"])
             else:
                 run_vae.train(run_vae.load_config(None, job["config"]), resume=job.get("resume", False),
-                              fid_features=features)
+                              fid_features=features, max_epochs=job.get("max_epochs"))
                 status = "done"
         except run_vae.StopRequested as e:
             status = str(e)
@@ -148,9 +148,9 @@ def curve(run_dir, tag="train/loss"):
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, and a
-    discriminator with R1 and DiffAugment), and the full run again, stopped in epoch 2 by a Ctrl-C sent to
-    torchrun (last: torchrun shuts down after it).
-    Second: that run's --resume, and the --resume under torchrun of a run one process began (through
+    discriminator with R1 and DiffAugment), the full run again ending after epoch 1, and once more, stopped
+    in epoch 2 by a Ctrl-C sent to torchrun (last: torchrun shuts down after it).
+    Second: the --resume of those two, and the --resume under torchrun of a run one process began (through
     run_vae.main, as the command line does)."""
     tmp = tmp_path_factory.mktemp("ddp")
     images = make_image_folder(tmp / "images")  # 36 images: 29 train (3 steps of 8 an epoch), 7 validation
@@ -159,11 +159,13 @@ def group(tmp_path_factory):
             "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6},
             "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0}}
     cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
-            "part": config(tmp, images, "part", **full), "solo": config(tmp, images, "solo")}
+            "part": config(tmp, images, "part", **full), "edge": config(tmp, images, "edge", **full),
+            "solo": config(tmp, images, "solo")}
     dump = str(tmp / "dumps" / "{name}_rank{{rank}}.pt")
     first, first_out = torchrun(tmp, "first", [
         {"config": cfgs["exact"], "without_noise": True, "dump": dump.format(name="exact")},
         {"config": cfgs["full"], "fid": True, "dump": dump.format(name="full")},
+        {"config": cfgs["edge"], "fid": True, "max_epochs": 1},  # ends after epoch 1, as if killed in epoch 2
         # epoch 1 is steps 0-2: rank 1 has torchrun interrupt the group during step 4, the second of epoch 2
         {"config": cfgs["part"], "fid": True, "interrupt_during_step": 4}], expect_success=False)
     run_vae.train(cfgs["solo"], max_epochs=1)  # one process, epoch 1 of 2; the second launch finishes it
@@ -171,13 +173,14 @@ def group(tmp_path_factory):
     solo_yaml.write_text(run_vae.config_to_yaml(cfgs["solo"]))
     second, second_out = torchrun(tmp, "second", [
         {"config": cfgs["part"], "resume": True, "fid": True, "dump": dump.format(name="part")},
+        {"config": cfgs["edge"], "resume": True, "fid": True, "dump": dump.format(name="edge")},
         {"argv": ["--config", str(solo_yaml), "--resume"], "dump": dump.format(name="solo")}])
     return {"tmp": tmp, "images": images, "cfgs": cfgs, "reports": {"first": first, "second": second},
             "outputs": {"first": first_out, "second": second_out}}
 
 
 def test_both_ranks_end_with_the_same_weights_and_buffers(group):
-    for name in ("exact", "full", "part", "solo"):
+    for name in ("exact", "full", "part", "edge", "solo"):
         a, b = (torch.load(group["tmp"] / "dumps" / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
         for key in ("model", "sampling", "disc"):  # sampling: the EMA weights of the full run
             assert_same_weights(a[key], b[key])
@@ -228,7 +231,7 @@ def test_only_rank_0_writes_scores_fid_and_fits_the_prior(group):
 
 
 def test_ctrl_c_stops_both_ranks_at_one_step_and_resume_equals_an_uninterrupted_run(group):
-    statuses = [r["jobs"][2]["status"] for r in group["reports"]["first"]]
+    statuses = [r["jobs"][3]["status"] for r in group["reports"]["first"]]
     assert all(s.startswith("stopped at epoch 2 step 5;") for s in statuses), statuses  # both ranks, one step
     tmp = group["tmp"]
     assert [r["jobs"][0]["status"] for r in group["reports"]["second"]] == ["done", "done"]
@@ -241,6 +244,16 @@ def test_ctrl_c_stops_both_ranks_at_one_step_and_resume_equals_an_uninterrupted_
     a, b = (run_vae.load_checkpoint(tmp / f"out/logs/{n}/last.pt") for n in ("full", "part"))
     assert a["metrics"]["fid"] == b["metrics"]["fid"] and a["step"] == b["step"] == 6
     assert len(a["rank_rng"]) == 2 and not torch.equal(a["rank_rng"][0]["torch"], a["rank_rng"][1]["torch"])
+
+
+def test_resume_from_an_epochs_checkpoint_restores_rank_0s_random_state_after_its_evaluation(group):
+    # Rank 0 alone validates, fits the prior and samples for FID after the ranks' random states are gathered,
+    # so the state last.pt keeps for rank 0 must be the one it holds after that work, or a run resumed from
+    # an epoch's checkpoint (after a crash in the next epoch) draws other noise than the uninterrupted run.
+    assert [r["jobs"][1]["status"] for r in group["reports"]["second"]] == ["done", "done"]
+    full, edge = (torch.load(group["tmp"] / f"dumps/{n}_rank0.pt", weights_only=True) for n in ("full", "edge"))
+    for key in ("model", "sampling", "disc"):
+        assert_same_weights(full[key], edge[key])
 
 
 def test_a_2_process_checkpoint_loads_in_one_process_and_the_reverse(group, tmp_path):
@@ -258,7 +271,7 @@ def test_a_2_process_checkpoint_loads_in_one_process_and_the_reverse(group, tmp_
     (tmp_path / "logs/more").mkdir(parents=True)
     (tmp_path / "logs/more/last.pt").write_bytes((tmp / "out/logs/full/last.pt").read_bytes())
     assert run_vae.train(more, resume=True, fid_features=tiny_features())["epoch"] == 3
-    assert group["reports"]["second"][0]["jobs"][1]["status"] == 0
+    assert group["reports"]["second"][0]["jobs"][2]["status"] == 0
     solo = run_vae.load_checkpoint(tmp / "out/logs/solo/last.pt")
     assert solo["epoch"] == 2 and len(solo["rank_rng"]) == 2
 
