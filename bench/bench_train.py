@@ -340,21 +340,9 @@ def config_maker(args, workdir, data_root):
 
 
 def bench(args):
-    workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = run_vae.pick_device(args.device)
-    auto = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run_vae.pick_precision("auto", device)]
-    half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     load_before = os.getloadavg()
-
-    data_root, data_note = data_folder(args, workdir)
-    config = config_maker(args, workdir, data_root)
-
-    cfg = run_vae.load_config(None, config("flops", "fp32", 0))
-    t = time.perf_counter()
-    n_images = len(run_vae.load_image_folder(cfg["data"]["root"], args.image_size, cfg["data"]["cache_dir"]))
-    cold_decode_s = time.perf_counter() - t  # fills the cache: every measured run below is a "second run"
+    workdir, device, auto, config, cfg, data_note, n_images, cold_decode_s = setup(args)
+    half = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     gflop = gflop_per_image(cfg)
     log(args, f"data: {data_note}, {n_images} images, decoded and cached in {cold_decode_s:.1f} s; "
               f"{gflop:.3f} GFLOP per training image; load average {load_before[0]:.1f}")
@@ -454,7 +442,8 @@ def bench(args):
 
 
 def setup(args):
-    """Work folder, device, the precision `auto` picks there, and the data (decoded once into the cache)."""
+    """Work folder, device, the precision `auto` picks there, and the data (decoded once into the cache,
+    timed: the first run's decode)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -463,8 +452,10 @@ def setup(args):
     data_root, data_note = data_folder(args, workdir)
     config = config_maker(args, workdir, data_root)
     cfg = run_vae.load_config(None, config("flops", "fp32", 0))
+    t = time.perf_counter()
     n_images = len(run_vae.load_image_folder(cfg["data"]["root"], args.image_size, cfg["data"]["cache_dir"]))
-    return workdir, device, auto, config, cfg, data_note, n_images
+    cold_decode_s = time.perf_counter() - t  # fills the cache: every measured run after it is a "second run"
+    return workdir, device, auto, config, cfg, data_note, n_images, cold_decode_s
 
 
 def interleaved(args, variants, run_one):
@@ -482,7 +473,7 @@ def interleaved(args, variants, run_one):
 
 def bench_data_paths(args):
     """Throughput with batches read from host memory and from the warm memmap, against the device path."""
-    workdir, device, auto, config, cfg, data_note, n_images = setup(args)
+    workdir, device, auto, config, cfg, data_note, n_images, _ = setup(args)
     t = time.perf_counter()
     mapped = run_vae.load_image_folder(cfg["data"]["root"], args.image_size, cfg["data"]["cache_dir"], max_bytes=0)
     mapped.images[:]  # one full read: the page cache is warm, as after a first epoch
@@ -519,7 +510,7 @@ def bench_data_paths(args):
 def bench_ddp(args, processes):
     """The same training under torchrun with each number of processes: images/s, and per step the time
     gradient all-reduces run and the time BatchNorm statistics take to sync."""
-    workdir, device, auto, config, cfg, data_note, n_images = setup(args)
+    workdir, device, auto, config, cfg, data_note, n_images, _ = setup(args)
 
     def run_one(v, r):
         n = int(v.split("x")[0])
