@@ -96,6 +96,10 @@ DEFAULTS = {
         "perceptual_net": "alex", # alex | vgg: shift-tolerant LPIPS, weights shipped in stlpips-pytorch, trained on
                                   # human judgements, not an evaluator's network (vgg: 5x alex's FLOPs) | msssim:
                                   # 1 - MS-SSIM (SSIM under 64 px), no weights, nearly free
+        "perceptual_jitter": 0,   # shift x and x_hat together by a random 0..n-1 pixels (each axis, wrapping) before
+                                  # the perceptual distance, a new shift every step; 0 = off. The LPIPS trunks
+                                  # sample on a fixed 4-8 px grid, so without it the decoder can hide a lattice
+                                  # at that period (docs/results.md "Sharp samples"); 8 covers alex's grid
         "adversarial": 0.0,       # weight of the patch discriminator's hinge loss, 0 = off; on top of an adaptive
                                   # weight that gives it recon's gradient norm at the decoder's last layer (VQGAN)
         "adv_start": 5.0,         # epochs before the discriminator starts (fractions allowed): the VAE learns first
@@ -269,6 +273,7 @@ RANGES = {
     "test.temperature": (0.0, None, False),
     "loss.perceptual": (0.0, None, True),
     "loss.adversarial": (0.0, None, True),
+    "loss.perceptual_jitter": (0, None, True),
     "loss.adv_start": (0.0, None, True),
     "loss.adv_weight_max": (0.0, None, False),
     "loss.disc_lr": (0.0, None, False),
@@ -1377,6 +1382,17 @@ def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=
     return weight.clamp(0, max_weight).detach()
 
 
+def random_roll(images, max_shift):
+    """The tensors of `images` (..., H, W) all rolled by one random shift of 0..max_shift-1 pixels along
+    each axis (wrapping round), drawn from torch's global RNG; unchanged for max_shift <= 1. Rolling the
+    image and its reconstruction alike keeps their distance meaningful while moving the pixel grid under
+    a network that samples on a coarser one."""
+    if max_shift <= 1:
+        return tuple(images)
+    dy, dx = torch.randint(0, max_shift, (2,)).tolist()
+    return tuple(torch.roll(t, (dy, dx), dims=(-2, -1)) for t in images)
+
+
 def diff_augment(x, policy="color,translation,cutout"):
     """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): random transforms from one
     distribution for real and fake images before the discriminator (in its step and the generator's), so
@@ -1447,6 +1463,7 @@ class SharpTerms:
             self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"]).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
             self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.jitter = loss["perceptual_jitter"]
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
 
@@ -1465,7 +1482,7 @@ class SharpTerms:
         rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added)."""
         extra, logs = torch.zeros((), device=x.device), {}
         if self.perceptual is not None:
-            perc = self.perceptual(x_hat, x).mean()
+            perc = self.perceptual(*random_roll((x_hat, x), self.jitter)).mean()
             extra = extra + self.perceptual_weight * perc
             logs["perceptual"] = perc.detach()
         if self.adversarial_on(step):

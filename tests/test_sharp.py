@@ -122,7 +122,7 @@ def test_a_few_steps_on_the_perceptual_term_lower_it(net):
     ({"adversarial": -1.0}, "loss.adversarial"), ({"adv_start": -1.0}, "loss.adv_start"),
     ({"adv_weight_max": 0.0}, "loss.adv_weight_max"), ({"disc_lr": 0.0}, "loss.disc_lr"),
     ({"disc_channels": 1}, "loss.disc_channels"), ({"diffaug": "color,flip"}, "loss.diffaug"),
-    ({"r1": -1.0}, "loss.r1")])
+    ({"r1": -1.0}, "loss.r1"), ({"perceptual_jitter": -1}, "loss.perceptual_jitter")])
 def test_bad_loss_config_is_a_config_error(bad, match):
     with pytest.raises(run_vae.ConfigError, match=match):
         run_vae.load_config(None, {"loss": bad})
@@ -207,6 +207,38 @@ def test_discriminator_gives_a_logit_map_and_is_spectrally_normalised(size, grid
     conv = disc.net[0]
     sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
     assert sigma.item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_random_roll_shifts_every_tensor_alike_and_wraps_round():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = x.flip(0)
+    shifts = set()
+    torch.manual_seed(0)
+    for _ in range(20):
+        a, b = run_vae.random_roll((x, y), 4)
+        hits = [(dy, dx) for dy in range(4) for dx in range(4)
+                if torch.equal(a, torch.roll(x, (dy, dx), dims=(-2, -1)))]
+        assert len(hits) == 1 and torch.equal(b, torch.roll(y, hits[0], dims=(-2, -1)))  # one shift for both
+        shifts.add(hits[0])
+    assert len(shifts) > 5  # a new shift each call, drawn from 0..3 on each axis
+    assert all(torch.equal(t, u) for t, u in zip(run_vae.random_roll((x, y), 1), (x, y)))
+
+
+@needs_stlpips
+def test_jittered_perceptual_term_is_the_distance_of_the_rolled_pair(tmp_path):
+    sharp = run_vae.SharpTerms(sharp_config(tmp_path, perceptual=1.0, perceptual_jitter=8), "cpu", steps_per_epoch=10)
+    size = 16
+    x = disc_images(size=size)
+    x_hat = blur(x, 3)
+    torch.manual_seed(3)
+    extra, logs = sharp.generator_terms(x, x_hat, torch.tensor(1.0), None, step=0)
+    torch.manual_seed(3)
+    rolled = run_vae.random_roll((x_hat, x), 8)
+    assert logs["perceptual"].item() == pytest.approx(sharp.perceptual(*rolled).mean().item(), rel=1e-6)
+    unrolled = sharp.perceptual(x_hat, x).mean().item()
+    assert extra.item() == pytest.approx(logs["perceptual"].item()) and extra.item() != pytest.approx(unrolled)
+    same, _ = sharp.generator_terms(x, x.clone(), torch.tensor(1.0), None, step=0)
+    assert abs(same.item()) < 1e-4  # identical images stay at distance 0 under any shift
 
 
 def sharp_config(tmp_path, **loss):
@@ -327,9 +359,10 @@ def first_and_last_third(run_dir, tag):
 
 
 @pytest.mark.skipif(not HAS_STLPIPS, reason="stlpips-pytorch is not installed (pip install -r requirements.txt)")
-def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder):
+@pytest.mark.parametrize("jitter", [0, 4])
+def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder, jitter):
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3, "batch_size": 2, "log_every": 1},
-                      loss={"perceptual": 0.05})
+                      loss={"perceptual": 0.05, "perceptual_jitter": jitter})
     summary = train(cfg)
     first, last = first_and_last_third(summary["run_dir"], "train/perceptual")
     assert last < 0.8 * first
