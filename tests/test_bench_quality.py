@@ -30,8 +30,9 @@ def tiny_run(tmp_path):
     return images, config, tmp_path / "out"
 
 
-def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run):
+def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, monkeypatch):
     images, config, out = tiny_run
+    monkeypatch.setattr(run_vae, "cpu_has_native_bf16", lambda: True)  # where fid.precision=auto means bf16
     row = quality.measure(str(config), str(images), [], epochs=2, num_samples=12, num_real=10,
                           name="q", out_dir=str(out), recon=True, standard_prior=True)
     assert row["epochs"] == 2 and row["num_generated"] == 12 and row["num_real"] == 10
@@ -39,6 +40,7 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run):
     assert row["prior"] == "fitted at epoch 2"
     assert row["standard_prior_fid"] > 0 and row["standard_prior_fid"] != pytest.approx(row["fid"], rel=1e-3)
     assert row["fid"] > 0 and row["extractor"].startswith("tf-inception")
+    assert not row["extractor"].endswith("+bf16")  # the protocol scores in fp32, like its published rows
     # the second feature space and the CVAE's class probe, on the same samples
     assert row["fd_eff"] > 0 and row["fd_eff_extractor"].startswith("efficientnet-lite0")
     assert row["pr_num"] == 10 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "coverage", "class_acc_gen"))
