@@ -248,10 +248,9 @@ def test_ctrl_c_stops_both_ranks_at_one_step_and_resume_equals_an_uninterrupted_
     assert len(a["rank_rng"]) == 2 and not torch.equal(a["rank_rng"][0]["torch"], a["rank_rng"][1]["torch"])
 
 
-def test_resume_from_an_epochs_checkpoint_restores_rank_0s_random_state_after_its_evaluation(group):
-    # Rank 0 alone validates, fits the prior and samples for FID after the ranks' random states are gathered,
-    # so the state last.pt keeps for rank 0 must be the one it holds after that work, or a run resumed from
-    # an epoch's checkpoint (after a crash in the next epoch) draws other noise than the uninterrupted run.
+def test_a_group_resumed_from_an_epochs_last_pt_equals_the_uninterrupted_run(group):
+    # As after a crash in epoch 2: last.pt of epoch 1 was written at the epoch's end (after rank 0 alone
+    # validated, fitted the prior and scored FID), not by a stop, and must continue the run bit for bit.
     assert [r["jobs"][1]["status"] for r in group["reports"]["second"]] == ["done", "done"]
     full, edge = (torch.load(group["tmp"] / f"dumps/{n}_rank0.pt", weights_only=True) for n in ("full", "edge"))
     for key in ("model", "sampling", "disc"):
