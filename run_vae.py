@@ -104,11 +104,13 @@ DEFAULTS = {
                                   # weight that gives it recon's gradient norm at the decoder's last layer (VQGAN)
         "adv_start": 5.0,         # epochs before the discriminator starts (fractions allowed): the VAE learns first
         "adv_weight_max": 1e4,    # clamp of the adaptive weight
-        "disc_lr": 2e-4,          # Adam (betas 0.5, 0.9) of the discriminator, constant
+        "disc_lr": 1e-3,          # Adam (betas 0.5, 0.9) of the discriminator, constant. At 2e-4 with batch 4 it
+                                  # stayed at chance on apples (docs/results.md "Sharp samples")
         "disc_channels": 32,      # width of the discriminator's first layer, doubling per stride-2 layer; at 64 px
                                   # 32 adds ~0.34 GFLOP per training image (+27% of the VAE's), 64 adds ~1.27
-        "diffaug": "color,translation,cutout",  # DiffAugment policy on real and fake before the discriminator
-                                  # (comma-separated subset; "" = off): stops it memorising a small data set
+        "diffaug": "translation", # DiffAugment policy on real and fake before the discriminator (comma-separated
+                                  # subset of color, translation, cutout; "" = off): stops it memorising a small data
+                                  # set. color and cutout hid the blur of apples reconstructions from it altogether
         "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on)
     },
     "fid": {
