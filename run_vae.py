@@ -112,6 +112,9 @@ DEFAULTS = {
                                   # subset of color, translation, cutout; "" = off): stops it memorising a small data
                                   # set. color and cutout hid the blur of apples reconstructions from it altogether
         "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on)
+        "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
+                                  # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
+                                  # get the term. One more decoder pass per step
     },
     "fid": {
         "enabled": True,          # off: best checkpoint is chosen by validation negative ELBO
@@ -1098,10 +1101,16 @@ class VAE(nn.Module):
         h = self.fc_decode(z).view(-1, 512, self.grid, self.grid)
         return self.decoder(h)
 
-    def forward(self, x, y=None):
+    def forward(self, x, y=None, prior_samples=False):
+        """(x_hat, mu, logvar); with prior_samples also x_prior, as many images decoded from z ~ N(0, I) with
+        the same labels, in the same decoder pass (for the adversarial term: under torchrun its gradients
+        must flow through the wrapped forward)."""
         mu, logvar = self.encode(x, y)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return self.decode(z, y), mu, logvar
+        if not prior_samples:
+            return self.decode(z, y), mu, logvar
+        both = self.decode(torch.cat([z, torch.randn_like(z)]), None if y is None else torch.cat([y, y]))
+        return *both.chunk(2), mu, logvar
 
     @torch.no_grad()
     def reconstruct(self, x, y=None):
@@ -1385,6 +1394,11 @@ def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=
     return weight.clamp(0, max_weight).detach()
 
 
+def with_prior(x_hat, x_prior):
+    """The fakes the discriminator judges: reconstructions, and prior samples when there are any."""
+    return x_hat if x_prior is None else torch.cat([x_hat, x_prior])
+
+
 def random_roll(images, max_shift):
     """The tensors of `images` (..., H, W) all rolled by one random shift of 0..max_shift-1 pixels along
     each axis (wrapping round), drawn from torch's global RNG; unchanged for max_shift <= 1. Rolling the
@@ -1399,8 +1413,8 @@ def random_roll(images, max_shift):
 def diff_augment(x, policy="color,translation,cutout"):
     """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): random transforms from one
     distribution for real and fake images before the discriminator (in its step and the generator's), so
-    it cannot memorise a small data set while its gradients still reach the generator. `policy` is a comma-separated subset of color, translation,
-    cutout. Each op keeps [0,1] images in [0,1]: colour changes are blends (towards black or white, grey,
+    it cannot memorise a small data set while its gradients still reach the generator. `policy` is a
+    comma-separated subset of color, translation, cutout. Each op keeps [0,1] images in [0,1]: colour changes are blends (towards black or white, grey,
     the image mean), shifts and cutout fill with 0."""
     ops = {op.strip() for op in policy.split(",") if op.strip()}
     n, _, h, w = x.shape
@@ -1469,6 +1483,7 @@ class SharpTerms:
         self.jitter = loss["perceptual_jitter"]
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
+        self.prior = loss["adv_prior"]
 
     @property
     def enabled(self):
@@ -1477,12 +1492,17 @@ class SharpTerms:
     def adversarial_on(self, step):
         return self.disc is not None and step >= self.start_step
 
+    def wants_prior_samples(self, step):
+        """Whether this step's forward pass should also decode prior samples (VAE.forward(prior_samples=))."""
+        return self.prior and self.adversarial_on(step)
+
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
 
-    def generator_terms(self, x, x_hat, rec_loss, last_layer, step):
+    def generator_terms(self, x, x_hat, rec_loss, last_layer, step, x_prior=None):
         """(weighted perceptual + adaptively weighted adversarial loss, logs) to add to the VAE's loss.
-        rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added)."""
+        rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added);
+        x_prior, decoded prior samples, join the reconstructions before the discriminator."""
         extra, logs = torch.zeros((), device=x.device), {}
         if self.perceptual is not None:
             perc = self.perceptual(*random_roll((x_hat, x), self.jitter)).mean()
@@ -1490,22 +1510,22 @@ class SharpTerms:
             logs["perceptual"] = perc.detach()
         if self.adversarial_on(step):
             self.disc.requires_grad_(False)  # its weights are trained only by discriminator_step
-            g_loss = hinge_g_loss(self.disc(self.augment(x_hat)))
+            g_loss = hinge_g_loss(self.disc(self.augment(with_prior(x_hat, x_prior))))
             self.disc.requires_grad_(True)
             weight = adaptive_adversarial_weight(rec_loss + extra, g_loss, last_layer, self.max_weight)
             extra = extra + self.adversarial_weight * weight * g_loss
             logs.update(adv_g_loss=g_loss.detach(), adv_weight=weight)
         return extra, logs
 
-    def discriminator_step(self, x, x_hat, step):
-        """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat,
-        under the run's autocast; nothing before loss.adv_start. Returns logs."""
+    def discriminator_step(self, x, x_hat, step, x_prior=None):
+        """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat and
+        prior samples x_prior, under the run's autocast; nothing before loss.adv_start. Returns logs."""
         if not self.adversarial_on(step):
             return {}
         real = x.detach().float().requires_grad_(self.r1 > 0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             real_logits = self.disc(self.augment(real))
-            fake_logits = self.disc(self.augment(x_hat.detach().float()))
+            fake_logits = self.disc(self.augment(with_prior(x_hat, x_prior).detach().float()))
             loss = hinge_d_loss(real_logits, fake_logits)
             logs = {"disc_loss": loss.detach()}
             if self.r1 > 0:
@@ -1553,15 +1573,19 @@ def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, step
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
 
     def step(i):
+        x_prior = None
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            x_hat, mu, logvar = model(x)
+            if sharp.wants_prior_samples(i):
+                x_hat, x_prior, mu, logvar = model(x, prior_samples=True)
+            else:
+                x_hat, mu, logvar = model(x)
             recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
-            extra, _ = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, i)
+            extra, _ = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, i, x_prior)
             total = recon + 0.5 * kl + extra
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        sharp.discriminator_step(x, x_hat, i)
+        sharp.discriminator_step(x, x_hat, i, x_prior)
 
     with FlopCounterMode(display=False) as counter:
         step(0)
@@ -2469,13 +2493,17 @@ def train_step(run, x, y, beta):
     terms' logged values (0-d tensors)."""
     t = run.cfg["train"]
     extra_logs = {}
+    x_prior = None
     with run.autocast():
-        x_hat, mu, logvar = run.train_model(x, y)
+        if run.sharp is not None and run.sharp.wants_prior_samples(run.step):
+            x_hat, x_prior, mu, logvar = run.train_model(x, y, prior_samples=True)
+        else:
+            x_hat, mu, logvar = run.train_model(x, y)
         recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
         loss = recon + beta * kl
         if run.sharp is not None:
             last_layer = run.model.decoder[-2].weight  # the adaptive weight balances gradients here
-            extra, extra_logs = run.sharp.generator_terms(x, x_hat, recon, last_layer, run.step)
+            extra, extra_logs = run.sharp.generator_terms(x, x_hat, recon, last_layer, run.step, x_prior)
             loss = loss + extra
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -2489,7 +2517,7 @@ def train_step(run, x, y, beta):
     if run.ema is not None:
         run.ema.update_parameters(run.model)
     if run.sharp is not None:
-        extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step))
+        extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step, x_prior))
     return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm, extra_logs
 
 

@@ -361,7 +361,45 @@ def test_state_dict_round_trip_resumes_the_discriminator_exactly(tmp_path):
 def test_step_cost_counts_the_extra_networks():
     plain = run_vae.sharp_step_cost(None, image_size=16, batch_size=2, steps=1)
     adversarial = run_vae.sharp_step_cost({"adversarial": 0.5, "disc_channels": 16}, image_size=16, batch_size=2, steps=1)
+    with_prior = run_vae.sharp_step_cost({"adversarial": 0.5, "disc_channels": 16, "adv_prior": True},
+                                         image_size=16, batch_size=2, steps=1)
     assert plain["seconds_per_image"] > 0 and adversarial["gflop_per_image"] > plain["gflop_per_image"] > 0
+    assert with_prior["gflop_per_image"] > adversarial["gflop_per_image"]  # one more decoder and disc pass
+
+
+def test_forward_with_prior_samples_decodes_standard_normal_z_beside_the_posterior():
+    torch.manual_seed(0)
+    model = run_vae.VAE(16, latent_dim=8, num_classes=3).eval()  # eval: BatchNorm does not mix the two halves
+    x, y = disc_images(5), torch.tensor([0, 1, 2, 0, 1])
+    torch.manual_seed(1)
+    x_hat, mu, logvar = model(x, y)
+    eps = torch.randn(5, 8)  # what the next draw of the same stream gives
+    torch.manual_seed(1)
+    x_hat2, x_prior, mu2, logvar2 = model(x, y, prior_samples=True)
+    assert torch.allclose(x_hat2, x_hat, atol=1e-6) and torch.equal(mu2, mu) and torch.equal(logvar2, logvar)
+    torch.manual_seed(1)
+    torch.randn(5, 8)  # the posterior's noise
+    assert torch.allclose(x_prior, model.decode(torch.randn(5, 8), y), atol=1e-6)
+    assert not torch.allclose(x_prior, model.decode(eps, torch.tensor([1, 2, 0, 1, 2])), atol=1e-3)
+
+
+def test_prior_samples_join_the_fakes_of_both_players(tmp_path):
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(sharp_config(tmp_path, adversarial=0.5, adv_prior=True), "cpu", steps_per_epoch=10)
+    x, x_hat, x_prior = disc_images(4), blur(disc_images(4), 5), torch.rand(4, 3, 16, 16)
+    assert sharp.wants_prior_samples(0)
+    recon = torch.tensor(1.0, requires_grad=True)
+    last_layer = torch.ones(1, requires_grad=True)  # any leaf: the weight is not what this test checks
+    with torch.no_grad():
+        by_hand = run_vae.hinge_g_loss(sharp.disc(torch.cat([x_hat, x_prior])))
+        fake_by_hand = sharp.disc(torch.cat([x_hat, x_prior])).mean()
+    _, logs = sharp.generator_terms(x, x_hat, recon * last_layer.sum(), last_layer,
+                                    step=0, x_prior=x_prior * last_layer)
+    assert logs["adv_g_loss"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    logs = sharp.discriminator_step(x, x_hat, step=0, x_prior=x_prior)
+    assert logs["disc_fake"].item() == pytest.approx(fake_by_hand.item(), rel=1e-5)
+    off = run_vae.SharpTerms(sharp_config(tmp_path, adversarial=0.5, adv_start=1.0, adv_prior=True), "cpu", 10)
+    assert not off.wants_prior_samples(9) and off.wants_prior_samples(10)  # not before adv_start
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,9 +423,11 @@ def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder, j
     assert last < 0.8 * first
 
 
-def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder):
+@pytest.mark.parametrize("adv_prior", [False, True])
+def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder,
+                                                                                      adv_prior):
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1},
-                      loss={"adversarial": 0.5, "adv_start": 1.0})
+                      loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": adv_prior})
     summary = train(cfg)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(summary["run_dir"]).Reload()
@@ -403,8 +443,9 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
     assert metrics["epoch"] == best["epoch"] and (tmp_path / "test/samples.png").is_file()
 
 
-def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder):
-    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1}
+@pytest.mark.parametrize("adv_prior", [False, True])
+def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior):
+    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior}
     full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, loss=loss)
     part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, loss=loss)
     train(full)
