@@ -1414,8 +1414,8 @@ def diff_augment(x, policy="color,translation,cutout"):
     """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): random transforms from one
     distribution for real and fake images before the discriminator (in its step and the generator's), so
     it cannot memorise a small data set while its gradients still reach the generator. `policy` is a
-    comma-separated subset of color, translation, cutout. Each op keeps [0,1] images in [0,1]: colour changes are blends (towards black or white, grey,
-    the image mean), shifts and cutout fill with 0."""
+    comma-separated subset of color, translation, cutout. Each op keeps [0,1] images in [0,1]: colour
+    changes are blends (towards black or white, grey, the image mean), shifts and cutout fill with 0."""
     ops = {op.strip() for op in policy.split(",") if op.strip()}
     n, _, h, w = x.shape
     rand = lambda: torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
