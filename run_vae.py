@@ -70,6 +70,10 @@ DEFAULTS = {
         "conditional": False,     # CVAE: one-hot class label fed to encoder and decoder
         "prior": "fitted",        # what samples are drawn from: fitted (a Gaussian per class fitted to the
                                   # training images' posteriors, see README "Prior") | standard (N(0, I))
+        "upsample": "transposed", # how the decoder doubles its resolution: transposed (4x4 stride-2 transposed
+                                  # convs, the original design) | resize (nearest-neighbour x2, then a 3x3 conv:
+                                  # every output pixel sees the same number of weights, the usual cure for
+                                  # checkerboard patterns; ~2.3x the decoder's FLOPs)
     },
     "train": {
         "epochs": 20,
@@ -296,6 +300,7 @@ CHOICES = {
     "fid.precision": ("fp32", "bf16", "auto"),
     "fid.select": tuple(SELECTION_METRICS),
     "model.prior": ("fitted", "standard"),
+    "model.upsample": ("transposed", "resize"),
     "wandb.mode": ("online", "offline", "disabled"),
     "loss.perceptual_net": ("alex", "vgg", "msssim"),
 }
@@ -1056,9 +1061,10 @@ def to_float(images_uint8):
 
 
 class VAE(nn.Module):
-    """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up."""
+    """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up
+    (or, with upsample="resize", 4 nearest-neighbour doublings each followed by a 3x3 conv)."""
 
-    def __init__(self, image_size=64, latent_dim=128, num_classes=0):
+    def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed"):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
@@ -1068,16 +1074,20 @@ class VAE(nn.Module):
         def down(cin, cout, bn=True):
             return [nn.Conv2d(cin, cout, 4, 2, 1)] + ([nn.BatchNorm2d(cout)] if bn else []) + [nn.ReLU(inplace=True)]
 
+        def double(cin, cout):
+            if upsample == "resize":
+                return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1)]
+            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
+
         def up(cin, cout):
-            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [*double(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         self.encoder = nn.Sequential(*down(3 + num_classes, 64, bn=False), *down(64, 128), *down(128, 256),
                                      *down(256, 512), nn.Flatten())
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
-        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64),
-                                     nn.ConvTranspose2d(64, 3, 4, 2, 1), nn.Sigmoid())
+        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64), *double(64, 3), nn.Sigmoid())
         # The sampling prior, one Gaussian per class (one in all for a VAE): N(0, I) until fit_prior()
         # replaces it. Buffers, so it travels with the weights in every checkpoint.
         k = max(num_classes, 1)
@@ -1147,7 +1157,7 @@ class VAE(nn.Module):
 
 def build_model(cfg, num_classes):
     m = cfg["model"]
-    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0)
+    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule
@@ -1457,7 +1467,7 @@ class SharpTerms:
     the frozen perceptual network and the discriminator with its own Adam and GradScaler: none of it is
     part of the VAE, its optimizer or best.pt; state_dict() goes into last.pt so a resume is exact.
 
-    In a training step (x, x_hat in [0,1]; last_layer = model.decoder[-2].weight, the last transposed conv):
+    In a training step (x, x_hat in [0,1]; last_layer = model.decoder[-2].weight, the decoder's last conv):
 
         with autocast:
             x_hat, mu, logvar = model(x, y)

@@ -26,6 +26,23 @@ def test_architecture_matches_the_design():
     assert model.fc_mu.in_features == 512 * 4 * 4 and model.fc_decode.in_features == 128
 
 
+@pytest.mark.parametrize("size", [16, 64])
+def test_resize_decoder_doubles_by_nearest_neighbour_and_a_3x3_conv(size):
+    model = VAE(size, latent_dim=32, upsample="resize").eval()
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder)
+    ups = [m for m in model.decoder if isinstance(m, torch.nn.Upsample)]
+    convs = [m for m in model.decoder if isinstance(m, torch.nn.Conv2d)]
+    assert len(ups) == 4 and all(u.scale_factor == 2 and u.mode == "nearest" for u in ups)
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (512, 256, (3, 3), (1, 1)), (256, 128, (3, 3), (1, 1)), (128, 64, (3, 3), (1, 1)), (64, 3, (3, 3), (1, 1))]
+    assert model.decoder[-2] is convs[-1]  # the layer the adaptive adversarial weight is measured at
+    x_hat, _, _ = model(torch.rand(2, 3, size, size))
+    assert x_hat.shape == (2, 3, size, size)
+    # the encoder and the heads are the original design's: only the way up differs
+    assert [k for k in model.state_dict() if not k.startswith("decoder")] == \
+        [k for k in VAE(size, latent_dim=32).state_dict() if not k.startswith("decoder")]
+
+
 def test_conditional_model_takes_labels_at_both_ends():
     model = VAE(32, latent_dim=16, num_classes=3).eval()
     assert model.encoder[0].in_channels == 6 and model.fc_decode.in_features == 19

@@ -8,11 +8,12 @@ from PIL import Image
 
 import run_vae
 from run_vae import CheckpointError, load_checkpoint, train
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import make_image_folder, tiny_config
+    from conftest import make_image_folder
     tmp = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(tmp, make_image_folder(tmp / "images"), model={"conditional": True})
     summary = train(cfg)
@@ -85,6 +86,19 @@ def test_weights_that_do_not_match_the_config_are_reported(trained, tmp_path):
     ckpt["config"]["model"]["latent_dim"] = 16
     with pytest.raises(CheckpointError, match="do not match"):
         run_vae.model_from_checkpoint(ckpt)
+
+
+def test_a_resize_decoder_run_loads_from_its_checkpoint_and_an_older_one_without_the_key_as_transposed(
+        tmp_path, image_folder):
+    summary = run_vae.train(tiny_config(tmp_path, image_folder, train={"epochs": 1}, model={"upsample": "resize"}))
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    model = run_vae.model_from_checkpoint(ckpt)
+    assert any(isinstance(m, torch.nn.Upsample) for m in model.decoder)
+    del ckpt["config"]["model"]["upsample"]  # a checkpoint from before the option: the original decoder
+    with pytest.raises(CheckpointError, match="do not match"):
+        run_vae.model_from_checkpoint(ckpt)
+    ckpt["model"] = run_vae.VAE(16, 8).state_dict()
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in run_vae.model_from_checkpoint(ckpt).decoder)
 
 
 def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
