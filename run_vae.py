@@ -1568,14 +1568,16 @@ class SharpTerms:
             self.disc_scaler.load_state_dict(state["disc_scaler"])
 
 
-def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, steps=6, device="cpu"):
+def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, steps=6, device="cpu", model=None):
     """Seconds and GFLOP (PyTorch's count, forward + backward) per image of one full training step of the
-    seed VAE (latent 128) with the loss section `loss` (e.g. {"perceptual": 0.1}; None = the plain step):
+    seed VAE (latent 128; `model` overrides its config section, e.g. {"upsample": "resize"}) with the loss
+    section `loss` (e.g. {"perceptual": 0.1}; None = the plain step):
     VAE forward and backward, Adam, and the discriminator's update. The median of `steps` timed steps after
     one warm-up; compare against loss=None for the extra cost of a term (bench/ can call this)."""
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device(device)
-    cfg = load_config(None, {"data": {"image_size": image_size}, "loss": {"adv_start": 0.0, **(loss or {})}})
+    cfg = load_config(None, {"data": {"image_size": image_size}, "model": model or {},
+                             "loss": {"adv_start": 0.0, **(loss or {})}})
     torch.manual_seed(0)
     model = build_model(cfg, 0).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)

@@ -6,7 +6,7 @@ Training speed of run_vae.train, end to end, against the FLOP ceiling and a plai
     python bench/bench_train.py --json           # last line: one JSON object with the figures
     python bench/bench_train.py --quick --threads=1   # steadier ratios while other jobs share the CPU
     python bench/bench_train.py --data=my_images --image_size=128 --rounds=3
-    python bench/bench_train.py --recipes             # ~1 min: cost of a step with each loss recipe
+    python bench/bench_train.py --recipes             # ~1 min: cost of a step with each loss recipe and the resize decoder
     python bench/bench_train.py --quick --data_paths  # batches from host memory and from a memmap vs on the device
     python bench/bench_train.py --quick --ddp 1,2     # torchrun with 1 and 2 processes: scaling, all-reduce per step
 
@@ -552,7 +552,11 @@ def bench_ddp(args, processes):
     return fig
 
 
-RECIPES = run_vae.LOSS_RECIPES
+# (loss section, model section) of each measured step: the loss recipes with the default decoder, and the
+# resize decoder (model.upsample) plain and under the adversarial term
+RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()},
+           "plain, resize decoder": ({}, {"upsample": "resize"}),
+           "adversarial, resize decoder": (run_vae.LOSS_RECIPES["adversarial"], {"upsample": "resize"})}
 
 
 def bench_recipes(args):
@@ -566,7 +570,8 @@ def bench_recipes(args):
     flops = {}
     for r in range(args.rounds):
         for name in (RECIPES if r % 2 == 0 else list(RECIPES)[::-1]):
-            cost = run_vae.sharp_step_cost(RECIPES[name], args.image_size, args.batch_size, amp, device=device)
+            loss, model = RECIPES[name]
+            cost = run_vae.sharp_step_cost(loss, args.image_size, args.batch_size, amp, device=device, model=model)
             seconds[name].append(cost["seconds_per_image"])
             flops[name] = cost["gflop_per_image"]
     plain = statistics.median(seconds["plain"])
@@ -575,8 +580,8 @@ def bench_recipes(args):
            for name, v in seconds.items()}
     lines = [f"one training step per recipe: {args.image_size}x{args.image_size}, batch {args.batch_size}, "
              f"{device}, {torch.get_num_threads()} thread(s), precision {amp or 'fp32'}"]
-    lines += [f"{name:<12} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
-              f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  ({RECIPES[name] or 'no extra terms'})"
+    lines += [f"{name:<28} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
+              f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  ({RECIPES[name][0] or 'no extra terms'})"
               for name, f in fig.items()]
     log(args, "\n".join(lines))
     if args.json:

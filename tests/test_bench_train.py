@@ -71,7 +71,11 @@ def test_recipe_costs_count_the_extra_networks():
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     fig = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(fig) == {"plain", "perceptual", "adversarial", "both"}
+    assert set(fig) == {"plain", "perceptual", "adversarial", "both", "plain, resize decoder",
+                        "adversarial, resize decoder"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
     assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
+    # a 3x3 conv at the doubled resolution costs more than a 4x4 stride-2 transposed conv at the input's
+    resize, adversarial_resize = fig["plain, resize decoder"], fig["adversarial, resize decoder"]
+    assert adversarial_resize["gflop_per_image"] > resize["gflop_per_image"] > fig["plain"]["gflop_per_image"]
