@@ -6,7 +6,7 @@ Training speed of run_vae.train, end to end, against the FLOP ceiling and a plai
     python bench/bench_train.py --json           # last line: one JSON object with the figures
     python bench/bench_train.py --quick --threads=1   # steadier ratios while other jobs share the CPU
     python bench/bench_train.py --data=my_images --image_size=128 --rounds=3
-    python bench/bench_train.py --recipes             # ~1 min: cost of a step with each loss recipe and the resize decoder
+    python bench/bench_train.py --recipes             # ~1 min: a step with each loss recipe and the resize decoder
     python bench/bench_train.py --quick --data_paths  # batches from host memory and from a memmap vs on the device
     python bench/bench_train.py --quick --ddp 1,2     # torchrun with 1 and 2 processes: scaling, all-reduce per step
 
@@ -581,7 +581,8 @@ def bench_recipes(args):
     lines = [f"one training step per recipe: {args.image_size}x{args.image_size}, batch {args.batch_size}, "
              f"{device}, {torch.get_num_threads()} thread(s), precision {amp or 'fp32'}"]
     lines += [f"{name:<28} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
-              f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  ({RECIPES[name][0] or 'no extra terms'})"
+              f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  "
+              f"({RECIPES[name][0] or 'no extra terms'})"
               for name, f in fig.items()]
     log(args, "\n".join(lines))
     if args.json:
