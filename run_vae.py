@@ -108,8 +108,8 @@ DEFAULTS = {
                                   # weight that gives it recon's gradient norm at the decoder's last layer (VQGAN)
         "adv_start": 5.0,         # epochs before the discriminator starts (fractions allowed): the VAE learns first
         "adv_weight_max": 1e4,    # clamp of the adaptive weight
-        "disc_lr": 1e-3,          # Adam (betas 0.5, 0.9) of the discriminator, constant. At 2e-4 with batch 4 it
-                                  # stayed at chance on apples (docs/results.md "Sharp samples")
+        "disc_lr": 1e-3,          # Adam (betas 0.5, 0.9) of the discriminator, constant; learns a little faster
+                                  # than 2e-4 on apples reconstructions (docs/results.md "Sharp samples")
         "disc_channels": 32,      # width of the discriminator's first layer, doubling per stride-2 layer; at 64 px
                                   # 32 adds ~0.34 GFLOP per training image (+27% of the VAE's), 64 adds ~1.27
         "diffaug": "translation", # DiffAugment policy on real and fake before the discriminator (comma-separated
@@ -1568,6 +1568,15 @@ class SharpTerms:
             self.disc_scaler.load_state_dict(state["disc_scaler"])
 
 
+def step_forward(model, x, y, sharp, step):
+    """The training step's forward pass: (x_hat, x_prior, mu, logvar), x_prior the prior samples the
+    adversarial term asks for at this step (loss.adv_prior), else None."""
+    if sharp is not None and sharp.wants_prior_samples(step):
+        return model(x, y, prior_samples=True)
+    x_hat, mu, logvar = model(x, y)
+    return x_hat, None, mu, logvar
+
+
 def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, steps=6, device="cpu", model=None):
     """Seconds and GFLOP (PyTorch's count, forward + backward) per image of one full training step of the
     seed VAE (latent 128; `model` overrides its config section, e.g. {"upsample": "resize"}) with the loss
@@ -1585,12 +1594,8 @@ def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, step
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
 
     def step(i):
-        x_prior = None
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if sharp.wants_prior_samples(i):
-                x_hat, x_prior, mu, logvar = model(x, prior_samples=True)
-            else:
-                x_hat, mu, logvar = model(x)
+            x_hat, x_prior, mu, logvar = step_forward(model, x, None, sharp, i)
             recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
             extra, _ = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, i, x_prior)
             total = recon + 0.5 * kl + extra
@@ -1650,6 +1655,17 @@ def evaluate_elbo(model, data, device, batch_size=256, amp_dtype=None):
     return {"val_recon": sse / n, "val_mse": mse, "val_kl": kl, "val_neg_elbo": neg_elbo,
             "val_bits_per_dim": (neg_elbo + dims * math.log(256)) / (dims * math.log(2)),
             "active_units": int((kl_dims > ACTIVE_UNIT_NATS).sum())}, kl_dims
+
+
+@torch.no_grad()
+def reconstructions(model, images_uint8, labels=None, batch_size=256):
+    """The decoder's reconstructions (posterior means, floats in [0,1] on the model's device) of uint8
+    images, in batches; labels are used by a conditional model."""
+    device, out = model.fc_mu.weight.device, []
+    for i in range(0, len(images_uint8), batch_size):
+        y = labels[i:i + batch_size].to(device) if model.num_classes else None
+        out.append(model.reconstruct(to_float(images_uint8[i:i + batch_size]).to(device), y))
+    return torch.cat(out)
 
 
 def to_uint8(images):
@@ -2505,12 +2521,8 @@ def train_step(run, x, y, beta):
     terms' logged values (0-d tensors)."""
     t = run.cfg["train"]
     extra_logs = {}
-    x_prior = None
     with run.autocast():
-        if run.sharp is not None and run.sharp.wants_prior_samples(run.step):
-            x_hat, x_prior, mu, logvar = run.train_model(x, y, prior_samples=True)
-        else:
-            x_hat, mu, logvar = run.train_model(x, y)
+        x_hat, x_prior, mu, logvar = step_forward(run.train_model, x, y, run.sharp, run.step)
         recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
         loss = recon + beta * kl
         if run.sharp is not None:

@@ -24,14 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_vae  # noqa: E402
 
 
-def reconstructions(model, images, labels, batch_size=200):
-    out = []
-    for i in range(0, len(images), batch_size):
-        y = labels[i:i + batch_size] if model.num_classes else None
-        out.append(model.reconstruct(run_vae.to_float(images[i:i + batch_size]), y))
-    return torch.cat(out)
-
-
 def held_out_scores(disc, real, fake):
     """(hinge loss, accuracy) of the discriminator's mean logit per image, without augmentation."""
     with torch.no_grad():
@@ -52,9 +44,7 @@ def load_pairs(args, ckpt, model):
         raise run_vae.DataError(f"{args.data} has {len(data.labels)} images: too few for --held_out {args.held_out} "
                                 f"and --batch_size {args.batch_size}")
     images, labels = data.images[index], torch.as_tensor(data.labels)[index]  # a tensor, also from a memory map
-    with torch.no_grad():
-        fake = reconstructions(model, images, labels)
-    real = run_vae.to_float(images)
+    fake, real = run_vae.reconstructions(model, images, labels), run_vae.to_float(images)
     n = len(real) - args.held_out
     return real[:n], fake[:n], real[n:], fake[n:]
 

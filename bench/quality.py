@@ -120,12 +120,9 @@ def reconstruction_fid(scorer, model, data, train_idx, n, seed):
     same real statistics: what the decoder reaches when z comes from the encoder instead of the prior,
     so the gap to the prior samples' FID is what the prior costs."""
     pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:n]]
-    images, device, out = data.subset(pick), model.fc_mu.weight.device, []
-    for i in range(0, len(images), scorer.batch_size):
-        x = run_vae.to_float(images.images[i:i + scorer.batch_size]).to(device)
-        y = images.labels[i:i + scorer.batch_size].to(device) if model.num_classes else None
-        out.append(run_vae.to_uint8(model.reconstruct(x, y)).cpu())
-    return run_vae.fid_from_features(scorer.real_features, scorer.extract(torch.cat(out)))
+    images = data.subset(pick)
+    fake = run_vae.to_uint8(run_vae.reconstructions(model, images.images, images.labels, scorer.batch_size)).cpu()
+    return run_vae.fid_from_features(scorer.real_features, scorer.extract(fake))
 
 
 def format_table(rows):
