@@ -74,6 +74,9 @@ DEFAULTS = {
                                   # convs, the original design) | resize (nearest-neighbour x2, then a 3x3 conv:
                                   # every output pixel sees the same number of weights, the usual cure for
                                   # checkerboard patterns; ~2.3x the decoder's FLOPs)
+        "final_conv": False,      # a 3x3 conv at full resolution writes the pixels, from 32 feature maps the last
+                                  # doubling makes: each pixel then mixes its neighbours, where otherwise the
+                                  # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
     },
     "train": {
         "epochs": 20,
@@ -1063,9 +1066,10 @@ def to_float(images_uint8):
 
 class VAE(nn.Module):
     """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up
-    (or, with upsample="resize", 4 nearest-neighbour doublings each followed by a 3x3 conv)."""
+    (or, with upsample="resize", 4 nearest-neighbour doublings each followed by a 3x3 conv); with final_conv the
+    last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them into pixels."""
 
-    def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed"):
+    def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
@@ -1088,7 +1092,8 @@ class VAE(nn.Module):
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
-        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64), *double(64, 3), nn.Sigmoid())
+        to_pixels = [*up(64, 32), nn.Conv2d(32, 3, 3, 1, 1)] if final_conv else double(64, 3)
+        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64), *to_pixels, nn.Sigmoid())
         # The sampling prior, one Gaussian per class (one in all for a VAE): N(0, I) until fit_prior()
         # replaces it. Buffers, so it travels with the weights in every checkpoint.
         k = max(num_classes, 1)
@@ -1158,7 +1163,8 @@ class VAE(nn.Module):
 
 def build_model(cfg, num_classes):
     m = cfg["model"]
-    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"])
+    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"],
+               m["final_conv"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule

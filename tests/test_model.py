@@ -43,6 +43,24 @@ def test_resize_decoder_doubles_by_nearest_neighbour_and_a_3x3_conv(size):
         [k for k in VAE(size, latent_dim=32).state_dict() if not k.startswith("decoder")]
 
 
+@pytest.mark.parametrize("upsample", ["transposed", "resize"])
+def test_final_conv_writes_the_pixels_with_a_3x3_conv_at_full_resolution(upsample):
+    model = VAE(16, latent_dim=8, upsample=upsample, final_conv=True).eval()
+    last = model.decoder[-2]  # the layer the adaptive adversarial weight is measured at
+    assert isinstance(last, torch.nn.Conv2d) and (last.in_channels, last.out_channels) == (32, 3)
+    assert last.kernel_size == (3, 3) and last.stride == (1, 1)
+    # the layer before it is a BatchNorm and ReLU at full resolution: feature maps, not pixels
+    h = torch.randn(2, 512, 1, 1)
+    for layer in model.decoder[:-2]:
+        h = layer(h)
+    assert h.shape == (2, 32, 16, 16) and h.min() >= 0
+    # every output pixel now depends on its 3x3 neighbourhood of those feature maps
+    h = h.detach().requires_grad_(True)
+    model.decoder[-2](h)[0, :, 8, 8].sum().backward()
+    assert (h.grad[0].abs().sum(0) > 0).nonzero().tolist() == [[i, j] for i in (7, 8, 9) for j in (7, 8, 9)]
+    assert model(torch.rand(2, 3, 16, 16))[0].shape == (2, 3, 16, 16)
+
+
 def test_conditional_model_takes_labels_at_both_ends():
     model = VAE(32, latent_dim=16, num_classes=3).eval()
     assert model.encoder[0].in_channels == 6 and model.fc_decode.in_features == 19

@@ -421,10 +421,10 @@ def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder, j
     assert last < 0.8 * first
 
 
-@pytest.mark.parametrize("adv_prior", [False, True])
+@pytest.mark.parametrize("adv_prior, model", [(False, {}), (True, {}), (True, {"upsample": "resize", "final_conv": True})])
 def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder,
-                                                                                      adv_prior):
-    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1},
+                                                                                      adv_prior, model):
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1}, model={"latent_dim": 8, **model},
                       loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": adv_prior})
     summary = train(cfg)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

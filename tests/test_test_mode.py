@@ -101,6 +101,20 @@ def test_a_resize_decoder_run_loads_from_its_checkpoint_and_an_older_one_without
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in run_vae.model_from_checkpoint(ckpt).decoder)
 
 
+def test_a_final_conv_run_loads_from_its_checkpoint_and_an_older_one_without_the_key_as_before(
+        tmp_path, image_folder):
+    summary = run_vae.train(tiny_config(tmp_path, image_folder, train={"epochs": 1},
+                                        model={"upsample": "resize", "final_conv": True}))
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    model = run_vae.model_from_checkpoint(ckpt)
+    assert model.decoder[-2].in_channels == 32
+    images, _, _ = run_vae.sample_grid(model, ckpt["classes"], 2, 0)
+    assert images.shape[1:] == (3, 16, 16) and torch.isfinite(images).all()
+    del ckpt["config"]["model"]["final_conv"]  # a checkpoint from before the option: pixels from the last doubling
+    ckpt["model"] = run_vae.VAE(16, 8, upsample="resize").state_dict()
+    assert run_vae.model_from_checkpoint(ckpt).decoder[-2].in_channels == 64
+
+
 def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
     (tmp_path / "t.yaml").write_text(f"run:\n  mode: test\ntest:\n  checkpoint: {tmp_path}/missing.pt\n")
     assert run_vae.main(["--config", str(tmp_path / "t.yaml")]) == 2
