@@ -118,6 +118,9 @@ DEFAULTS = {
         "diffaug": "translation", # DiffAugment policy on real and fake before the discriminator (comma-separated
                                   # subset of color, translation, cutout; "" = off): stops it memorising a small data
                                   # set. color and cutout hid the blur of apples reconstructions from it altogether
+        "disc_antialias": False,  # the discriminator halves its resolution by a 3x3 conv and a [1,2,1] blur with
+                                  # stride 2 (anti-aliased pooling) instead of stride-2 4x4 convs, whose gradient to
+                                  # the decoder is a period-2 pattern the decoder can learn to draw
         "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on)
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
@@ -1361,19 +1364,38 @@ def build_perceptual(net, image_size):
     return PerceptualLoss(net)
 
 
+class BlurPool(nn.Module):
+    """Halve the resolution by a fixed [1,2,1] x [1,2,1] / 16 blur with stride 2, per channel (Zhang 2019,
+    "Making convolutional networks shift-invariant again"). Its gradient is the upstream gradient spread by
+    linear interpolation, where a stride-2 conv's is a period-2 pattern."""
+
+    def __init__(self, channels):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
+                             persistent=False)
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype), stride=2, groups=x.shape[1])
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN: stride-2 4x4 convs (widths c, 2c, 4c) with LeakyReLU, then a 3x3 conv to one logit per
     patch. Spectral norm on every conv bounds its Lipschitz constant, so no normalisation layers. The
     number of stride-2 convs follows the image size (16 px: 1, 32 px: 2, 64 px and up: 3), so each logit
-    sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond."""
+    sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond. With antialias each
+    stride-2 conv becomes a 3x3 conv at full resolution, LeakyReLU, then BlurPool (patches of 45 px)."""
 
-    def __init__(self, image_size, channels=64):
+    def __init__(self, image_size, channels=64, antialias=False):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
         layers, cin = [], 3
         for i in range(min(3, int(math.log2(image_size)) - 3)):
             cout = channels * 2 ** i
-            layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            if antialias:
+                layers += [sn(nn.Conv2d(cin, cout, 3, 1, 1)), nn.LeakyReLU(0.2), BlurPool(cout)]
+            else:
+                layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
             cin = cout
         self.net = nn.Sequential(*layers, sn(nn.Conv2d(cin, 1, 3, 1, 1)))
 
@@ -1494,7 +1516,8 @@ class SharpTerms:
             if self.perceptual_weight > 0 else None
         self.disc = self.disc_opt = None
         if self.adversarial_weight > 0:
-            self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"]).to(device)
+            self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"],
+                                           loss["disc_antialias"]).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
             self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.jitter = loss["perceptual_jitter"]

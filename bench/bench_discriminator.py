@@ -55,7 +55,7 @@ def run(args):
     model = run_vae.model_from_checkpoint(ckpt)
     real, fake, real_out, fake_out = load_pairs(args, ckpt, model)
     loss = {"adversarial": 1.0, "adv_start": 0.0, "diffaug": args.diffaug, "disc_lr": args.disc_lr,
-            "disc_channels": args.disc_channels}
+            "disc_channels": args.disc_channels, "disc_antialias": args.disc_antialias}
     cfg = run_vae.load_config(None, {"data": {"image_size": model.image_size}, "loss": loss})
     sharp = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=1)
     report, start = [], time.perf_counter()
@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--diffaug", default=d["loss"]["diffaug"])
     p.add_argument("--disc_lr", type=float, default=d["loss"]["disc_lr"])
     p.add_argument("--disc_channels", type=int, default=d["loss"]["disc_channels"])
+    p.add_argument("--disc_antialias", action=argparse.BooleanOptionalAction, default=d["loss"]["disc_antialias"])
     p.add_argument("--batch_size", type=int, default=d["train"]["batch_size"])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--every", type=int, default=500, help="steps between held-out scores")
