@@ -1224,17 +1224,21 @@ def find_stlpips_weights(net):
 
 
 class BlurPool(nn.Module):
-    """Anti-aliased subsampling: a fixed binomial low-pass filter ([1 2 1] outer [1 2 1], reflection padding
-    of 2 on each side) applied before keeping every second pixel, so features shift with the image instead
-    of flickering. The padding and filter are those the shipped weights were trained with."""
+    """Anti-aliased subsampling (Zhang 2019, "Making convolutional networks shift-invariant again"): a fixed
+    [1 2 1] outer [1 2 1] / 16 low-pass filter per channel, with reflection padding, before keeping every
+    second pixel. Features shift with the image instead of flickering, and the gradient sent back is the
+    upstream gradient spread by linear interpolation, where a stride-2 conv's is a period-2 pattern.
+    padding=2 is what the shipped LPIPS weights were trained with; padding=1 halves the size exactly."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, padding=2):
         super().__init__()
         k = torch.tensor([1.0, 2.0, 1.0])
+        self.padding = padding
         self.register_buffer("filt", (torch.outer(k, k) / 16).expand(channels, 1, 3, 3).clone())
 
     def forward(self, x):
-        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+        p = self.padding
+        return F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), self.filt.to(x.dtype), stride=2, groups=x.shape[1])
 
 
 def lpips_trunk_layers(net):
@@ -1364,21 +1368,6 @@ def build_perceptual(net, image_size):
     return PerceptualLoss(net)
 
 
-class BlurPool(nn.Module):
-    """Halve the resolution by a fixed [1,2,1] x [1,2,1] / 16 blur with stride 2, per channel (Zhang 2019,
-    "Making convolutional networks shift-invariant again"). Its gradient is the upstream gradient spread by
-    linear interpolation, where a stride-2 conv's is a period-2 pattern."""
-
-    def __init__(self, channels):
-        super().__init__()
-        k = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
-                             persistent=False)
-
-    def forward(self, x):
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype), stride=2, groups=x.shape[1])
-
-
 class PatchDiscriminator(nn.Module):
     """PatchGAN: stride-2 4x4 convs (widths c, 2c, 4c) with LeakyReLU, then a 3x3 conv to one logit per
     patch. Spectral norm on every conv bounds its Lipschitz constant, so no normalisation layers. The
@@ -1393,7 +1382,7 @@ class PatchDiscriminator(nn.Module):
         for i in range(min(3, int(math.log2(image_size)) - 3)):
             cout = channels * 2 ** i
             if antialias:
-                layers += [sn(nn.Conv2d(cin, cout, 3, 1, 1)), nn.LeakyReLU(0.2), BlurPool(cout)]
+                layers += [sn(nn.Conv2d(cin, cout, 3, 1, 1)), nn.LeakyReLU(0.2), BlurPool(cout, padding=1)]
             else:
                 layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
             cin = cout

@@ -230,9 +230,11 @@ def test_antialiased_discriminator_sends_the_decoder_a_gradient_without_a_period
 
 def test_blur_pool_halves_the_size_and_keeps_a_flat_image_flat():
     x = torch.full((1, 4, 8, 8), 0.3)
-    y = run_vae.BlurPool(4)(x)
+    y = run_vae.BlurPool(4, padding=1)(x)
     assert y.shape == (1, 4, 4, 4) and torch.allclose(y, torch.full_like(y, 0.3))
-    assert run_vae.BlurPool(4)(x.bfloat16()).dtype == torch.bfloat16
+    assert run_vae.BlurPool(4, padding=1)(x.bfloat16()).dtype == torch.bfloat16
+    # the LPIPS trunk's padding of 2, which its shipped weights were trained with, keeps one more row
+    assert run_vae.BlurPool(4)(x).shape == (1, 4, 5, 5)
 
 
 def test_random_roll_shifts_every_tensor_alike_and_wraps_round():
