@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -2369,11 +2370,55 @@ def prepare_run_folder(paths, resume):
     if not resume and has_checkpoint:
         raise ConfigError(f"run folder {paths.run_dir} already holds a checkpoint. Continue it with --resume, "
                           f"or start a new run with run.name=<new name>.")
-    if not resume and paths.run_dir.is_dir() and any(paths.run_dir.iterdir()):
+    if not resume and paths.run_dir.is_dir() and any(p.name != RUN_LOCK for p in paths.run_dir.iterdir()):
         print(f"note: {paths.run_dir} holds no checkpoint (an earlier start that never finished an epoch); "
               f"reusing it")
         for old in paths.run_dir.glob("events.out.tfevents.*"):  # one run's curves per folder
             old.unlink()
+
+
+RUN_LOCK = ".lock"
+
+
+def take_run_lock(run_dir):
+    """Claim a run folder for this process: an exclusive advisory lock (flock) on run_dir/.lock, returned
+    as the open file that holds it. Two runs of one name started together (two terminals, two scripts
+    stamped with the same second) would otherwise overwrite each other's last.pt and best model without a
+    word. The system drops the lock when its process ends however it ends (kill -9, a crash, a Ray actor
+    killed after its last report), so no stale lock is ever left to clear. The file itself stays. Where
+    flock is missing (Windows) runs are not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = Path(run_dir) / RUN_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise ConfigError(f"another training process ({holder}) is writing to {run_dir}. Wait for it to "
+                          f"finish, or start this run with run.name=<new name>.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+@contextlib.contextmanager
+def claimed_run_folder(paths, world):
+    """Rank 0 holds the run folder's lock for the whole run."""
+    held = {}  # the open lock file stays on rank 0: on_rank0 sends only its None to the other ranks
+    on_rank0(world, lambda: held.update(lock=take_run_lock(paths.run_dir)))
+    try:
+        yield
+    finally:
+        if held.get("lock") is not None:
+            held["lock"].close()
 
 
 def check_writable(*folders):
@@ -2781,8 +2826,22 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
         raise shared_error(ConfigError(
             f"train.batch_size={cfg['train']['batch_size']} is the global batch, shared evenly by the {world.size} "
             f"processes: use a multiple of {world.size}"))
-    on_rank0(world, lambda: (prepare_run_folder(paths, resume),
-                             check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"])))
+    with claimed_run_folder(paths, world):
+        on_rank0(world, lambda: (prepare_run_folder(paths, resume),
+                                 check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"])))
+        run = start_run(cfg, world, paths, resume, fid_features)
+        run.timings["start"] = time.perf_counter() - started
+        metrics = run_epochs(run, report, max_epochs)
+        if run.writer is not None:
+            run.writer.close()
+        if run.wandb_run:
+            finish_wandb(run.wandb_run, cfg, paths.best)
+    return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": run.best,
+            "timings": run.timings, **metrics}
+
+
+def start_run(cfg, world, paths, resume, fid_features):
+    """The Run on its device, restored from last.pt with --resume, with its logs open."""
     device = pick_device(cfg["run"]["device"], world)
     cfg = {**cfg, "fid": resolve_fid_auto(cfg["fid"], device)}
     seed_everything(cfg["run"]["seed"])
@@ -2794,8 +2853,13 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
     if resume:  # rank 0 reads last.pt and sends it: the other machines of a group need no copy of the logs
         restore_run(run, on_rank0(world, lambda: check_resumable(cfg, load_checkpoint(paths.last), paths.last)))
     on_rank0(world, lambda: start_logs(run, resume))
-    run.timings["start"] = time.perf_counter() - started
+    return run
 
+
+def run_epochs(run, report, max_epochs):
+    """Epochs until train.epochs, a stop request (saved, then StopRequested) or max_epochs of this call;
+    returns the last epoch's metrics."""
+    cfg, world, paths = run.cfg, run.world, run.paths
     stop, metrics, epochs_this_call = {"stop": False}, {}, 0
     with graceful_interrupts(stop):
         while run.epoch < cfg["train"]["epochs"]:
@@ -2812,12 +2876,7 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
                 stop_run(run)
             if max_epochs is not None and epochs_this_call >= max_epochs:
                 break
-    if run.writer is not None:
-        run.writer.close()
-    if run.wandb_run:
-        finish_wandb(run.wandb_run, cfg, paths.best)
-    return {"run_dir": str(paths.run_dir), "best_checkpoint": str(paths.best), "best": run.best,
-            "timings": run.timings, **metrics}
+    return metrics
 
 
 def start_logs(run, resume):

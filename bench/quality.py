@@ -24,6 +24,7 @@ the 90 % train split is fixed by run.seed.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def main():
                 **{k: v for k, v in [("config", args.config), ("epochs", args.epochs),
                                      ("num_samples", args.num_samples), ("num_real", args.num_real)] if v is not None}}
     data_root = resolve_data(args.protocol, args.data)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two benches started in one second stay apart
     rows = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:

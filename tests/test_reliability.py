@@ -108,6 +108,63 @@ def test_a_run_folder_without_a_checkpoint_is_reused_and_resume_says_so(tmp_path
     assert not (run_dir / "events.out.tfevents.123.old").exists()
 
 
+HOLD_RUN_FOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+import run_vae
+lock = run_vae.take_run_lock(sys.argv[1])
+open(sys.argv[1] + "/events.out.tfevents.1.first", "w").write("the first run's curves")
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path, image_folder, capsys):
+    """Two runs of one name started together would overwrite each other's last.pt without a word."""
+    import subprocess, sys
+    from conftest import ROOT
+    cfg = tiny_config(tmp_path, image_folder)
+    run_dir = tmp_path / "logs/tiny"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_RUN_FOLDER, str(run_dir), str(ROOT)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        with pytest.raises(ConfigError, match=f"another training process \\(pid {first.pid} on .*run.name=<new name>"):
+            train(cfg)
+        with pytest.raises(ConfigError, match="another training process"):
+            train(cfg, resume=True)
+        # nothing of the first run was touched
+        assert (run_dir / "events.out.tfevents.1.first").read_text() == "the first run's curves"
+        assert not (run_dir / "last.pt").exists()
+    finally:
+        first.kill()  # gone without a word, as after kill -9: the system drops its lock
+        first.wait()
+    assert train(cfg)["epoch"] == 2
+    assert "reusing it" in capsys.readouterr().out  # the folder held the dead run's files, not a checkpoint
+    assert run_vae.take_run_lock(run_dir) is not None  # released when the run ended
+
+
+def test_the_run_lock_is_released_after_a_stop_and_a_failure(tmp_path, image_folder, monkeypatch):
+    from test_training import interrupted_during_step
+    cfg = tiny_config(tmp_path, image_folder)
+    with pytest.raises(run_vae.StopRequested), interrupted_during_step(2):
+        train(cfg)
+    run_vae.take_run_lock(tmp_path / "logs/tiny").close()  # free again
+    monkeypatch.setattr(run_vae, "train_epoch", lambda run, stop: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(cfg, resume=True)
+    monkeypatch.undo()
+    assert train(cfg, resume=True)["epoch"] == 2
+
+
+def test_a_held_run_lock_names_its_holder(tmp_path):
+    held = run_vae.take_run_lock(tmp_path)
+    with pytest.raises(ConfigError, match=f"another training process \\(pid {os.getpid()} on "):
+        run_vae.take_run_lock(tmp_path)
+    held.close()
+    run_vae.take_run_lock(tmp_path).close()
+
+
 def test_resume_with_a_lower_lr_continues_at_that_rate(tmp_path, image_folder):
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2})
     train(cfg, max_epochs=1)
