@@ -227,7 +227,8 @@ def test_only_rank_0_writes_scores_fid_and_fits_the_prior(group):
     full0 = group["reports"]["first"][0]["jobs"][1]
     assert full0["fid_images"] == 2 * 12 + 12 and full0["prior_fits"] == 2  # FID every epoch + real set once
     files = sorted(p.name for p in (group["tmp"] / "out/logs/full").iterdir())
-    assert files[:1] == ["config.yaml"] and files[-1] == "last.pt" and len(files) == 3  # and one events file
+    # rank 0's lock, then config.yaml, one events file and last.pt
+    assert files[:2] == [run_vae.RUN_LOCK, "config.yaml"] and files[-1] == "last.pt" and len(files) == 4
     printed = group["outputs"]["first"].stdout
     assert printed.count("epoch 2/2 ") == 2 and printed.count("training images:") == 4  # rank 0, per job
 
