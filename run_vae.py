@@ -2391,8 +2391,8 @@ def take_run_lock(run_dir):
         import fcntl
     except ImportError:
         return None
+    check_writable(run_dir)
     lock = Path(run_dir) / RUN_LOCK
-    lock.parent.mkdir(parents=True, exist_ok=True)
     f = open(lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2402,6 +2402,11 @@ def take_run_lock(run_dir):
         f.close()
         raise ConfigError(f"another training process ({holder}) is writing to {run_dir}. Wait for it to "
                           f"finish, or start this run with run.name=<new name>.") from None
+    except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+        f.close()
+        print(f"note: {run_dir} cannot be locked ({e.strerror or e}); make sure no other run uses run.name "
+              f"{Path(run_dir).name} at the same time")
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}")

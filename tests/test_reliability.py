@@ -227,13 +227,24 @@ def test_the_cli_prints_a_message_for_a_bad_value_not_a_traceback(tmp_path, caps
     assert err.startswith("error: train.sample_every") and "Traceback" not in err
 
 
-def test_an_unwritable_output_folder_fails_before_training(tmp_path, image_folder):
+@pytest.mark.parametrize("key, folder", [("best_dir", "best"), ("log_dir", "logs")])
+def test_an_unwritable_output_folder_fails_before_training(tmp_path, image_folder, key, folder):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    cfg = tiny_config(tmp_path, image_folder, run={"best_dir": str(blocker / "best")})
-    with pytest.raises(ConfigError, match=r"cannot write to .*a_file/best.*run.best_dir"):
+    cfg = tiny_config(tmp_path, image_folder, run={key: str(blocker / folder)})
+    with pytest.raises(ConfigError, match=rf"cannot write to .*a_file/{folder}.*run.log_dir"):
         train(cfg)
     assert not (tmp_path / "logs/tiny/last.pt").exists()
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_note(tmp_path, image_folder, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert train(tiny_config(tmp_path, image_folder))["epoch"] == 2
+    assert "cannot be locked (No locks available)" in capsys.readouterr().out
 
 
 def test_a_failed_best_save_still_writes_last_pt_and_names_the_path(tmp_path, image_folder, monkeypatch):
