@@ -2391,8 +2391,8 @@ def take_run_lock(run_dir):
         import fcntl
     except ImportError:
         return None
-    check_writable(run_dir)
     lock = Path(run_dir) / RUN_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
     f = open(lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2831,9 +2831,9 @@ def train(cfg, resume=False, report=None, fid_features=None, max_epochs=None):
         raise shared_error(ConfigError(
             f"train.batch_size={cfg['train']['batch_size']} is the global batch, shared evenly by the {world.size} "
             f"processes: use a multiple of {world.size}"))
+    on_rank0(world, lambda: check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"]))
     with claimed_run_folder(paths, world):
-        on_rank0(world, lambda: (prepare_run_folder(paths, resume),
-                                 check_writable(paths.run_dir, paths.best.parent, cfg["data"]["cache_dir"])))
+        on_rank0(world, lambda: prepare_run_folder(paths, resume))
         run = start_run(cfg, world, paths, resume, fid_features)
         run.timings["start"] = time.perf_counter() - started
         metrics = run_epochs(run, report, max_epochs)
