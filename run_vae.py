@@ -78,6 +78,9 @@ DEFAULTS = {
         "final_conv": False,      # a 3x3 conv at full resolution writes the pixels, from 32 feature maps the last
                                   # doubling makes: each pixel then mixes its neighbours, where otherwise the
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
+        "res_blocks": 0,          # residual blocks (two 3x3 convs and a skip) after the decoder's doubling to half
+                                  # and, with final_conv, to full resolution: capacity where the detail is drawn, as
+                                  # in the VQGAN decoder. At 64 px each adds ~0.3 GFLOP per decoded image
     },
     "train": {
         "epochs": 20,
@@ -271,6 +274,7 @@ RANGES = {
     "data.image_size": (16, None, True),
     "data.val_fraction": (0.0, 1.0, True),
     "model.latent_dim": (1, None, True),
+    "model.res_blocks": (0, 9, True),
     "train.epochs": (1, None, True),
     "train.batch_size": (1, None, True),
     "train.lr": (0.0, None, False),
@@ -1068,12 +1072,29 @@ def to_float(images_uint8):
 # model
 
 
+class ResBlock(nn.Module):
+    """relu(x + BN(conv(relu(BN(conv(x)))))), 3x3 convs at one resolution. The second BN starts at zero scale
+    (Goyal et al. 2017), so a new block is the identity and the decoder starts as the one without it."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels),
+                                  nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, 1, 1),
+                                  nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.body[-1].weight)
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
 class VAE(nn.Module):
     """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up
     (or, with upsample="resize", 4 nearest-neighbour doublings each followed by a 3x3 conv); with final_conv the
-    last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them into pixels."""
+    last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them into pixels. res_blocks
+    residual blocks follow the doubling to half resolution and, with final_conv, the one to full resolution."""
 
-    def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False):
+    def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
+                 res_blocks=0):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
@@ -1088,16 +1109,17 @@ class VAE(nn.Module):
                 return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1)]
             return [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
 
-        def up(cin, cout):
-            return [*double(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        def up(cin, cout, blocks=0):
+            return [*double(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)] + \
+                [ResBlock(cout) for _ in range(blocks)]
 
         self.encoder = nn.Sequential(*down(3 + num_classes, 64, bn=False), *down(64, 128), *down(128, 256),
                                      *down(256, 512), nn.Flatten())
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
-        to_pixels = [*up(64, 32), nn.Conv2d(32, 3, 3, 1, 1)] if final_conv else double(64, 3)
-        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64), *to_pixels, nn.Sigmoid())
+        to_pixels = [*up(64, 32, res_blocks), nn.Conv2d(32, 3, 3, 1, 1)] if final_conv else double(64, 3)
+        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64, res_blocks), *to_pixels, nn.Sigmoid())
         # The sampling prior, one Gaussian per class (one in all for a VAE): N(0, I) until fit_prior()
         # replaces it. Buffers, so it travels with the weights in every checkpoint.
         k = max(num_classes, 1)
@@ -1168,7 +1190,7 @@ class VAE(nn.Module):
 def build_model(cfg, num_classes):
     m = cfg["model"]
     return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"],
-               m["final_conv"])
+               m["final_conv"], m["res_blocks"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule

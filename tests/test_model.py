@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from run_vae import VAE, beta_at, lr_factor_at, vae_loss
+from run_vae import VAE, ResBlock, beta_at, lr_factor_at, vae_loss
 
 
 @pytest.mark.parametrize("size", [16, 64, 128])
@@ -59,6 +59,39 @@ def test_final_conv_writes_the_pixels_with_a_3x3_conv_at_full_resolution(upsampl
     model.decoder[-2](h)[0, :, 8, 8].sum().backward()
     assert (h.grad[0].abs().sum(0) > 0).nonzero().tolist() == [[i, j] for i in (7, 8, 9) for j in (7, 8, 9)]
     assert model(torch.rand(2, 3, 16, 16))[0].shape == (2, 3, 16, 16)
+
+
+def test_a_new_residual_block_is_the_identity_and_then_learns_a_3x3_correction():
+    torch.manual_seed(0)
+    block = ResBlock(8).eval()
+    x = torch.rand(2, 8, 6, 6)  # non-negative, as the ReLU before it leaves its input
+    assert torch.equal(block(x), x)
+    torch.nn.init.ones_(block.body[-1].weight)  # as if trained: the body now adds to the skip
+    h = x.clone().requires_grad_(True)
+    block(h)[0, :, 3, 3].sum().backward()
+    assert (h.grad[0].abs().sum(0) > 0).nonzero().tolist() == [[i, j] for i in range(1, 6) for j in range(1, 6)]
+
+
+@pytest.mark.parametrize("final_conv, resolutions", [(False, [8]), (True, [8, 16])])
+def test_res_blocks_follow_the_doublings_to_half_and_full_resolution(final_conv, resolutions):
+    model = VAE(16, latent_dim=8, final_conv=final_conv, res_blocks=2).eval()
+    plain = VAE(16, latent_dim=8, final_conv=final_conv).eval()
+    h, seen = torch.randn(2, 512, 1, 1), []
+    for layer in model.decoder:
+        if isinstance(layer, ResBlock):
+            seen.append(h.shape[-1])
+        h = layer(h)
+    assert seen == [r for r in resolutions for _ in range(2)]
+    assert model.decoder[-2].out_channels == 3  # still the layer the adaptive adversarial weight is measured at
+    assert len(model.decoder) == len(plain.decoder) + 2 * len(resolutions)
+    # new blocks are identities: with the other weights copied, the decoder draws what the plain one draws
+    weights = {k: v for k, v in plain.state_dict().items() if not k.startswith("decoder")}
+    model.load_state_dict(weights, strict=False)
+    shared = [m for m in model.decoder if not isinstance(m, ResBlock)]
+    for mine, theirs in zip(shared, plain.decoder):
+        mine.load_state_dict(theirs.state_dict())
+    z = torch.randn(3, 8)
+    assert torch.allclose(model.decode(z), plain.decode(z), atol=1e-6)
 
 
 def test_conditional_model_takes_labels_at_both_ends():
