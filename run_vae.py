@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -129,6 +130,13 @@ DEFAULTS = {
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
+        "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
+                                  # (SoftIntro below); not combined with the perceptual or adversarial term.
+                                  # ~4.5x the plain step's FLOPs
+        "intro_beta_neg": 256.0,  # weight of the KL in the exp-ELBO the encoder pushes down on decoded images: how
+                                  # hard it fights the decoder (the paper's 256 for 32 px sets, 1024 for CelebA-HQ)
+        "intro_gamma_r": 0.0,     # weight of the decoder's re-reconstruction errors; > 0 adds two decoder passes a
+                                  # step (the paper's 1e-8 is nearly 0 next to recon)
     },
     "fid": {
         "enabled": True,          # off: best checkpoint is chosen by validation negative ELBO
@@ -301,6 +309,8 @@ RANGES = {
     "loss.disc_lr": (0.0, None, False),
     "loss.disc_channels": (4, 513, True),
     "loss.r1": (0.0, None, True),
+    "loss.intro_beta_neg": (0.0, None, False),
+    "loss.intro_gamma_r": (0.0, None, True),
 }
 # fid.select: the metrics a best checkpoint can be chosen by, and whether lower is better (selection_metric)
 SELECTION_METRICS = {"fid": True, "fd_eff": True, "val_neg_elbo": True}
@@ -342,6 +352,10 @@ def check_config(cfg):
     for key in ("device_budget", "host_budget"):
         parse_budget(cfg["data"][key], f"data.{key}")
     check_diffaug(cfg["loss"]["diffaug"])
+    loss = cfg["loss"]
+    if loss["soft_intro"] and (loss["perceptual"] > 0 or loss["adversarial"] > 0):
+        raise ConfigError("loss.soft_intro replaces the adversarial term and is not combined with the perceptual "
+                          "one: set loss.perceptual=0 and loss.adversarial=0, or loss.soft_intro=false")
     if cfg["fid"]["enabled"] and cfg["fid"]["select"] == "fd_eff" and not cfg["fid"]["efficientnet"]:
         raise ConfigError("fid.select=fd_eff needs fid.efficientnet=true (FD_eff is measured in its features)")
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
@@ -642,6 +656,15 @@ def average_gradients_over_ranks(module, world):
             dist.broadcast(tensor, src=0)
         for p in module.parameters():
             p.register_post_accumulate_grad_hook(average)
+
+
+def mean_gradients_over_ranks(params, world):
+    """Average the accumulated gradients over the ranks, for updates made outside the wrapper's forward."""
+    if world.size > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world.size)
 
 
 def broadcast_prior(world, *models):
@@ -1202,10 +1225,19 @@ def vae_loss(x, x_hat, mu, logvar):
     Summing keeps beta's meaning fixed at any batch size: loss = recon + beta * KL is, per image, the
     negative ELBO of a Gaussian decoder with variance 1/2 when beta = 1. Returns recon, KL and KL per dim.
     """
-    x_hat, mu, logvar = x_hat.float(), mu.float(), logvar.float()
-    recon = F.mse_loss(x_hat, x, reduction="none").flatten(1).sum(1).mean()
-    kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(0)
-    return recon, kl_per_dim.sum(), kl_per_dim
+    kl_per_dim = kl_terms(mu, logvar).mean(0)
+    return squared_error(x, x_hat).mean(), kl_per_dim.sum(), kl_per_dim
+
+
+def squared_error(x, x_hat):
+    """Per image, summed over pixels (in fp32)."""
+    return F.mse_loss(x_hat.float(), x.float(), reduction="none").flatten(1).sum(1)
+
+
+def kl_terms(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per image and latent dim (in fp32)."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def lr_factor_at(step, total_steps, schedule="constant", warmup_steps=0):
@@ -1496,10 +1528,11 @@ def diff_augment(x, policy="color,translation,cutout"):
 # Named loss recipes (bench/quality.py --variants, bench/bench_train.py --recipes): the plain recipe is
 # every extra term off; the weights are the measured starting points of docs/results.md "Sharp samples".
 LOSS_RECIPES = {
-    "plain": {"perceptual": 0.0, "adversarial": 0.0},
+    "plain": {"perceptual": 0.0, "adversarial": 0.0, "soft_intro": False},
     "perceptual": {"perceptual": 0.05},
     "adversarial": {"adversarial": 0.5},
     "both": {"perceptual": 0.05, "adversarial": 0.5},
+    "soft_intro": {"soft_intro": True},
 }
 
 
@@ -1620,9 +1653,9 @@ def step_forward(model, x, y, sharp, step):
 
 
 def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, steps=6, device="cpu", model=None):
-    """Seconds and GFLOP (PyTorch's count, forward + backward) per image of one full training step of the
-    seed VAE (latent 128; `model` overrides its config section, e.g. {"upsample": "resize"}) with the loss
-    section `loss` (e.g. {"perceptual": 0.1}; None = the plain step):
+    """Seconds and GFLOP (PyTorch's count, forward + backward) per image of one full training step (train_step)
+    of the seed VAE (latent 128; `model` overrides its config section, e.g. {"upsample": "resize"}) with the
+    loss section `loss` (e.g. {"perceptual": 0.1}; None = the plain step), every term on from the first step:
     VAE forward and backward, Adam, and the discriminator's update. The median of `steps` timed steps after
     one warm-up; compare against loss=None for the extra cost of a term (bench/ can call this)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -1630,35 +1663,118 @@ def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, step
     cfg = load_config(None, {"data": {"image_size": image_size}, "model": model or {},
                              "loss": {"adv_start": 0.0, **(loss or {})}})
     torch.manual_seed(0)
-    model = build_model(cfg, 0).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    run = types.SimpleNamespace(cfg=cfg, world=World(), ema=None, step=0, amp_dtype=amp_dtype)
+    run.model = run.train_model = build_model(cfg, 0).to(device)
+    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=1e-4)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run.autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     sharp = SharpTerms(cfg, device, steps_per_epoch=1, amp_dtype=amp_dtype)
+    run.sharp = sharp if sharp.enabled else None
+    run.intro = SoftIntro(cfg, steps_per_epoch=1) if cfg["loss"]["soft_intro"] else None
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
 
-    def step(i):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            x_hat, x_prior, mu, logvar = step_forward(model, x, None, sharp, i)
-            recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
-            extra, _ = sharp.generator_terms(x, x_hat, recon, model.decoder[-2].weight, i, x_prior)
-            total = recon + 0.5 * kl + extra
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        sharp.discriminator_step(x, x_hat, i, x_prior)
-
     with FlopCounterMode(display=False) as counter:
-        step(0)
+        train_step(run, x, None, 0.5)
     times = []
-    for i in range(1, steps + 1):
+    for run.step in range(1, steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        step(i)
+        train_step(run, x, None, 0.5)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return {"seconds_per_image": float(np.median(times)) / batch_size,
             "gflop_per_image": counter.get_total_flops() / batch_size / 1e9}
+
+# ----------------------------------------------------------------------------------------------------
+# Soft-IntroVAE: the encoder as the critic
+
+
+def soft_intro_exp_elbo(recon, kl, beta_neg, dims):
+    """exp(-2 (recon + beta_neg * KL) / dims) averaged over the batch, from per-image recon and KL: the
+    soft score the encoder pushes down on images the decoder made (the paper's exp-ELBO, scale 1/dims)."""
+    return torch.exp(-2.0 * (recon + beta_neg * kl) / dims).mean()
+
+
+class SoftIntro:
+    """Soft-IntroVAE (Daniel & Tamar 2021): no extra network, the encoder learns to be the critic. From
+    loss.adv_start on, each training step is two updates of the one optimizer, each on its half of the VAE:
+
+    encoder (decoder frozen): recon + beta * KL of the real batch, plus dims/4 * (the exp-ELBO of the
+        reconstructions + that of images decoded from N(0, I), each encoded and decoded again). The encoder
+        learns to give real images a high ELBO and what the decoder makes a low one (a high KL, beta_neg);
+    decoder (encoder frozen): recon of the real batch from the encoder step's z, plus beta/2 * the KL the
+        encoder gives the reconstructions and the prior samples, plus gamma_r/2 * their re-reconstruction
+        errors. The decoder learns to make images the encoder takes for real.
+
+    Every term is in vae_loss's units (summed over pixels and latent dims): the paper's losses times
+    dims = C*H*W, so train.grad_clip and the logged loss mean what they mean in the plain recipe."""
+
+    def __init__(self, cfg, steps_per_epoch):
+        loss = cfg["loss"]
+        self.beta_neg, self.gamma_r = loss["intro_beta_neg"], loss["intro_gamma_r"]
+        self.start_step = round(loss["adv_start"] * steps_per_epoch)
+        self.dims = 3 * cfg["data"]["image_size"] ** 2
+
+    def on(self, step):
+        return step >= self.start_step
+
+    def reencoded(self, model, images, y):
+        """(per-image recon error of decoding the images' own z, per-image KL, the re-decoded images)."""
+        mu, logvar = model.encode(images.detach(), y)
+        again = model.decode(mu + torch.randn_like(mu) * torch.exp(0.5 * logvar), y)
+        return squared_error(images, again), kl_terms(mu, logvar).sum(1), again
+
+    def encoder_loss(self, model, x, y, beta, noise):
+        """(loss, recon, kl of the real batch, its z, logs) of the encoder's update; the decoder frozen."""
+        mu, logvar = model.encode(x, y)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        rec = model.decode(z, y)
+        with torch.no_grad():
+            fake = model.decode(noise, y)
+        recon, kl = squared_error(x, rec).mean(), kl_terms(mu, logvar).sum(1).mean()
+        rec_recon, rec_kl, _ = self.reencoded(model, rec, y)
+        fake_recon, fake_kl, _ = self.reencoded(model, fake, y)
+        exp_rec = soft_intro_exp_elbo(rec_recon, rec_kl, self.beta_neg, self.dims)
+        exp_fake = soft_intro_exp_elbo(fake_recon, fake_kl, self.beta_neg, self.dims)
+        loss = recon + beta * kl + self.dims * 0.25 * (exp_rec + exp_fake)
+        logs = {"intro_exp_elbo_rec": exp_rec.detach(), "intro_exp_elbo_fake": exp_fake.detach(),
+                "intro_kl_fake": fake_kl.detach().mean()}
+        return loss, recon, kl, z, logs
+
+    def decoder_loss(self, model, x, y, z, beta, noise):
+        """The loss of the decoder's update, from the encoder step's z (detached) and the same noise."""
+        rec = model.decode(z, y)
+        loss = squared_error(x, rec).mean()
+        for images in (rec, model.decode(noise, y)):
+            mu, logvar = model.encode(images, y)
+            loss = loss + beta * 0.5 * kl_terms(mu, logvar).sum(1).mean()
+            if self.gamma_r > 0:  # the re-decoded image's error, with the encoder's z held fixed
+                again = model.decode((mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)).detach(), y)
+                loss = loss + self.gamma_r * 0.5 * squared_error(images.detach(), again).mean()
+        return loss
+
+
+def encoder_and_decoder_parameters(model):
+    """The VAE's parameters split into the halves Soft-IntroVAE updates in turn."""
+    encoder = [*model.encoder.parameters(), *model.fc_mu.parameters(), *model.fc_logvar.parameters()]
+    decoder = [*model.fc_decode.parameters(), *model.decoder.parameters()]
+    return encoder, decoder
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Parameters that get no gradient from the graph built inside (their values still take part)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
 
 # ----------------------------------------------------------------------------------------------------
 # evaluation
@@ -2504,6 +2620,7 @@ class Run:
         self.sharp = sharp if sharp.enabled else None  # perceptual / adversarial terms (loss section)
         if self.sharp is not None and self.sharp.disc is not None:
             average_gradients_over_ranks(self.sharp.disc, self.world)
+        self.intro = SoftIntro(cfg, self.steps_per_epoch) if cfg["loss"]["soft_intro"] else None
         self.fid = (FIDScorer(cfg, self.data, train_idx, val_idx, self.device, fid_features)
                     if cfg["fid"]["enabled"] and self.world.is_main else None)  # rank 0 alone scores
 
@@ -2610,6 +2727,8 @@ def train_step(run, x, y, beta):
     """One optimizer update on a batch (and one of the discriminator, when on). Returns (loss, recon, kl)
     detached on the device, the gradient norm before clipping (None when clipping is off) and the extra
     terms' logged values (0-d tensors)."""
+    if run.intro is not None and run.intro.on(run.step):
+        return soft_intro_step(run, x, y, beta)
     t = run.cfg["train"]
     extra_logs = {}
     with run.autocast():
@@ -2634,6 +2753,41 @@ def train_step(run, x, y, beta):
     if run.sharp is not None:
         extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step, x_prior))
     return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm, extra_logs
+
+
+def update_part(run, loss, params):
+    """Backward `loss` and step the optimizer on `params` alone (the others got no gradient): one half of a
+    Soft-IntroVAE step. Returns the gradient norm before clipping (None when clipping is off)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    mean_gradients_over_ranks(params, run.world)  # the wrapper's averaging needs its own forward
+    grad_norm = None
+    if run.cfg["train"]["grad_clip"] > 0:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg["train"]["grad_clip"])
+    run.scaler.step(run.optimizer)  # Adam skips the parameters without a gradient
+    run.scaler.update()
+    return grad_norm
+
+
+def soft_intro_step(run, x, y, beta):
+    """One Soft-IntroVAE step (SoftIntro): the encoder's update, then the decoder's. Returns what train_step
+    returns; the loss is the real batch's recon + beta * KL, as in the plain recipe, and the gradient norm
+    that of both updates together."""
+    encoder, decoder = encoder_and_decoder_parameters(run.model)
+    noise = torch.randn(len(x), run.model.latent_dim, device=x.device)
+    with frozen(decoder), run.autocast():
+        loss, recon, kl, z, logs = run.intro.encoder_loss(run.model, x, y, beta, noise)
+    encoder_norm = update_part(run, loss, encoder)
+    with frozen(encoder), run.autocast():
+        decoder_loss = run.intro.decoder_loss(run.model, x, y, z.detach(), beta, noise)
+    decoder_norm = update_part(run, decoder_loss, decoder)
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    grad_norm = None if encoder_norm is None else torch.hypot(encoder_norm, decoder_norm)
+    parts = torch.stack([recon + beta * kl, recon, kl]).detach()
+    return parts, grad_norm, logs
 
 
 def diverged(what, run, kept_epoch):

@@ -552,11 +552,16 @@ def bench_ddp(args, processes):
     return fig
 
 
-# (loss section, model section) of each measured step: the loss recipes with the default decoder, and the
-# resize decoder (model.upsample) plain and under the adversarial term
+# (loss section, model section) of each measured step: the loss recipes with the default decoder, the
+# resize decoder (model.upsample) plain and under the adversarial term, and the variants of the adversarial
+# term with prior samples judged too of docs/results.md "Sharp samples"
+WITH_PRIOR = {**run_vae.LOSS_RECIPES["adversarial"], "adv_prior": True}
 RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()},
            "plain, resize decoder": ({}, {"upsample": "resize"}),
-           "adversarial, resize decoder": (run_vae.LOSS_RECIPES["adversarial"], {"upsample": "resize"})}
+           "adversarial, resize decoder": (run_vae.LOSS_RECIPES["adversarial"], {"upsample": "resize"}),
+           "adv_prior": (WITH_PRIOR, {}),
+           "adv_prior, antialiased disc": ({**WITH_PRIOR, "disc_antialias": True}, {}),
+           "adv_prior, res blocks": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1})}
 
 
 def bench_recipes(args):

@@ -9,7 +9,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py --protocol impressionism         # all 10,478 paintings at 64x64, 10 epochs, 2000 vs 2000
     python bench/quality.py --protocol impressionism --num-samples 10000 --num-real 10000   # larger N
     python bench/quality.py --protocol demo                  # generated demo fruit: no download
-    python bench/quality.py --variants plain,perceptual,adversarial,both   # the loss recipes side by side
+    python bench/quality.py --variants plain,perceptual,adversarial,both,soft_intro   # the loss recipes side by side
     python bench/quality.py --variants default,naive         # also the seed architecture trained naively
     python bench/quality.py train.beta=0.25 --json           # any run_vae override; last line is JSON
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt    # score a finished run, no training
@@ -47,7 +47,7 @@ PROTOCOLS = {
 }
 
 # "naive": the seed architecture trained the way most repos do it (summed MSE, beta 1, Adam 1e-3, no
-# schedules); "plain", "perceptual", "adversarial", "both": the loss recipes of run_vae.LOSS_RECIPES
+# schedules); "plain", "perceptual", "adversarial", "both", "soft_intro": the loss recipes of run_vae.LOSS_RECIPES
 VARIANTS = {
     "default": [],
     "naive": ["train.batch_size=64", "train.lr=1e-3", "train.lr_schedule=constant", "train.beta=1.0",

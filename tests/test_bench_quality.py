@@ -77,7 +77,7 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
 
 def test_the_loss_recipes_are_variants_and_configure_the_terms():
     import quality
-    for name in ("plain", "perceptual", "adversarial", "both"):
+    for name in ("plain", "perceptual", "adversarial", "both", "soft_intro"):
         cfg = run_vae.load_config(None, quality.VARIANTS[name])
         assert {k: cfg["loss"][k] for k in run_vae.LOSS_RECIPES[name]} == run_vae.LOSS_RECIPES[name]
     both = run_vae.load_config(None, quality.VARIANTS["both"])["loss"]

@@ -71,11 +71,19 @@ def test_recipe_costs_count_the_extra_networks():
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     fig = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(fig) == {"plain", "perceptual", "adversarial", "both", "plain, resize decoder",
-                        "adversarial, resize decoder"}
+    assert set(fig) == {"plain", "perceptual", "adversarial", "both", "soft_intro", "plain, resize decoder",
+                        "adversarial, resize decoder", "adv_prior", "adv_prior, antialiased disc",
+                        "adv_prior, res blocks"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
     assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     # a 3x3 conv at the doubled resolution costs more than a 4x4 stride-2 transposed conv at the input's
     resize, adversarial_resize = fig["plain, resize decoder"], fig["adversarial, resize decoder"]
     assert adversarial_resize["gflop_per_image"] > resize["gflop_per_image"] > fig["plain"]["gflop_per_image"]
+    # prior samples: one more decoder and discriminator pass; anti-aliasing: the discriminator's first convs at
+    # full resolution; residual blocks: convs at the top two resolutions, in both decoder passes
+    prior = fig["adv_prior"]["gflop_per_image"]
+    assert prior > fig["adversarial"]["gflop_per_image"]
+    assert fig["adv_prior, antialiased disc"]["gflop_per_image"] > prior
+    assert fig["adv_prior, res blocks"]["gflop_per_image"] > prior
+    assert fig["soft_intro"]["flops_vs_plain"] > 3.5  # three encoder and decoder passes more, and a fifth

@@ -148,10 +148,11 @@ def curve(run_dir, tag="train/loss"):
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, and a
-    discriminator with R1, DiffAugment and prior samples), the full run again ending after epoch 1, and once
-    more, stopped in epoch 2 by a Ctrl-C sent to torchrun (last: torchrun shuts down after it).
-    Second: the --resume of those two, and the --resume under torchrun of a run one process began (through
-    run_vae.main, as the command line does)."""
+    discriminator with R1, DiffAugment and prior samples), the full run again ending after epoch 1, a
+    Soft-IntroVAE run (its updates bypass the wrapper), and the full run once more, stopped in epoch 2 by a
+    Ctrl-C sent to torchrun (last: torchrun shuts down after it).
+    Second: the --resume of the two full runs cut short, and the --resume under torchrun of a run one
+    process began (through run_vae.main, as the command line does)."""
     tmp = tmp_path_factory.mktemp("ddp")
     images = make_image_folder(tmp / "images")  # 36 images: 29 train (3 steps of 8 an epoch), 7 validation
     (tmp / "dumps").mkdir()
@@ -160,12 +161,15 @@ def group(tmp_path_factory):
             "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0, "adv_prior": True}}
     cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
             "part": config(tmp, images, "part", **full), "edge": config(tmp, images, "edge", **full),
-            "solo": config(tmp, images, "solo")}
+            "solo": config(tmp, images, "solo"),
+            "intro": config(tmp, images, "intro", model={"conditional": True}, train={"ema": 0.9},
+                            loss={"soft_intro": True, "adv_start": 0.5})}
     dump = str(tmp / "dumps" / "{name}_rank{{rank}}.pt")
     first, first_out = torchrun(tmp, "first", [
         {"config": cfgs["exact"], "without_noise": True, "dump": dump.format(name="exact")},
         {"config": cfgs["full"], "fid": True, "dump": dump.format(name="full")},
         {"config": cfgs["edge"], "fid": True, "max_epochs": 1},  # ends after epoch 1, as if killed in epoch 2
+        {"config": cfgs["intro"], "dump": dump.format(name="intro")},
         # epoch 1 is steps 0-2: rank 1 has torchrun interrupt the group during step 4, the second of epoch 2
         {"config": cfgs["part"], "fid": True, "interrupt_during_step": 4}], expect_success=False)
     run_vae.train(cfgs["solo"], max_epochs=1)  # one process, epoch 1 of 2; the second launch finishes it
@@ -180,7 +184,7 @@ def group(tmp_path_factory):
 
 
 def test_both_ranks_end_with_the_same_weights_and_buffers(group):
-    for name in ("exact", "full", "part", "edge", "solo"):
+    for name in ("exact", "full", "part", "edge", "solo", "intro"):  # intro: Soft-IntroVAE's own updates
         a, b = (torch.load(group["tmp"] / "dumps" / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
         for key in ("model", "sampling", "disc"):  # sampling: the EMA weights of the full run
             assert_same_weights(a[key], b[key])
@@ -230,11 +234,11 @@ def test_only_rank_0_writes_scores_fid_and_fits_the_prior(group):
     # rank 0's lock, then config.yaml, one events file and last.pt
     assert files[:2] == [run_vae.RUN_LOCK, "config.yaml"] and files[-1] == "last.pt" and len(files) == 4
     printed = group["outputs"]["first"].stdout
-    assert printed.count("epoch 2/2 ") == 2 and printed.count("training images:") == 4  # rank 0, per job
+    assert printed.count("epoch 2/2 ") == 3 and printed.count("training images:") == 5  # rank 0, per job
 
 
 def test_ctrl_c_stops_both_ranks_at_one_step_and_resume_equals_an_uninterrupted_run(group):
-    statuses = [r["jobs"][3]["status"] for r in group["reports"]["first"]]
+    statuses = [r["jobs"][4]["status"] for r in group["reports"]["first"]]
     assert all(s.startswith("stopped at epoch 2 step 5;") for s in statuses), statuses  # both ranks, one step
     tmp = group["tmp"]
     assert [r["jobs"][0]["status"] for r in group["reports"]["second"]] == ["done", "done"]
