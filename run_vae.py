@@ -81,7 +81,7 @@ DEFAULTS = {
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
         "res_blocks": 0,          # residual blocks (two 3x3 convs and a skip) after the decoder's doubling to half
                                   # and, with final_conv, to full resolution: capacity where the detail is drawn, as
-                                  # in the VQGAN decoder. At 64 px each adds ~0.3 GFLOP per decoded image
+                                  # in the VQGAN decoder. At 64 px each adds ~0.15 GFLOP per decoded image forward
     },
     "train": {
         "epochs": 20,
@@ -132,7 +132,7 @@ DEFAULTS = {
                                   # get the term. One more decoder pass per step
         "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
                                   # (SoftIntro below); not combined with the perceptual or adversarial term.
-                                  # ~4.5x the plain step's FLOPs
+                                  # 4.3x the plain step's FLOPs
         "intro_beta_neg": 256.0,  # weight of the KL in the exp-ELBO the encoder pushes down on decoded images: how
                                   # hard it fights the decoder (the paper's 256 for 32 px sets, 1024 for CelebA-HQ)
         "intro_gamma_r": 0.0,     # weight of the decoder's re-reconstruction errors; > 0 adds two decoder passes a
@@ -1171,7 +1171,7 @@ class VAE(nn.Module):
         the same labels, in the same decoder pass (for the adversarial term: under torchrun its gradients
         must flow through the wrapped forward)."""
         mu, logvar = self.encode(x, y)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        z = reparameterize(mu, logvar)
         if not prior_samples:
             return self.decode(z, y), mu, logvar
         both = self.decode(torch.cat([z, torch.randn_like(z)]), None if y is None else torch.cat([y, y]))
@@ -1208,6 +1208,11 @@ class VAE(nn.Module):
         eps = torch.randn(n, self.latent_dim, generator=generator, device="cpu").to(device) * temperature
         y = None if y is None else y.to(device)
         return self.decode(self.prior_z(eps, y), y)
+
+
+def reparameterize(mu, logvar):
+    """z ~ N(mu, exp(logvar)), differentiable in mu and logvar."""
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
 
 
 def build_model(cfg, num_classes):
@@ -1722,21 +1727,20 @@ class SoftIntro:
         return step >= self.start_step
 
     def reencoded(self, model, images, y):
-        """(per-image recon error of decoding the images' own z, per-image KL, the re-decoded images)."""
+        """(per-image recon error of decoding the images' own z, per-image KL)."""
         mu, logvar = model.encode(images.detach(), y)
-        again = model.decode(mu + torch.randn_like(mu) * torch.exp(0.5 * logvar), y)
-        return squared_error(images, again), kl_terms(mu, logvar).sum(1), again
+        return squared_error(images, model.decode(reparameterize(mu, logvar), y)), kl_terms(mu, logvar).sum(1)
 
     def encoder_loss(self, model, x, y, beta, noise):
         """(loss, recon, kl of the real batch, its z, logs) of the encoder's update; the decoder frozen."""
         mu, logvar = model.encode(x, y)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        z = reparameterize(mu, logvar)
         rec = model.decode(z, y)
         with torch.no_grad():
             fake = model.decode(noise, y)
         recon, kl = squared_error(x, rec).mean(), kl_terms(mu, logvar).sum(1).mean()
-        rec_recon, rec_kl, _ = self.reencoded(model, rec, y)
-        fake_recon, fake_kl, _ = self.reencoded(model, fake, y)
+        rec_recon, rec_kl = self.reencoded(model, rec, y)
+        fake_recon, fake_kl = self.reencoded(model, fake, y)
         exp_rec = soft_intro_exp_elbo(rec_recon, rec_kl, self.beta_neg, self.dims)
         exp_fake = soft_intro_exp_elbo(fake_recon, fake_kl, self.beta_neg, self.dims)
         loss = recon + beta * kl + self.dims * 0.25 * (exp_rec + exp_fake)
@@ -1752,7 +1756,7 @@ class SoftIntro:
             mu, logvar = model.encode(images, y)
             loss = loss + beta * 0.5 * kl_terms(mu, logvar).sum(1).mean()
             if self.gamma_r > 0:  # the re-decoded image's error, with the encoder's z held fixed
-                again = model.decode((mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)).detach(), y)
+                again = model.decode(reparameterize(mu, logvar).detach(), y)
                 loss = loss + self.gamma_r * 0.5 * squared_error(images.detach(), again).mean()
         return loss
 
@@ -2739,35 +2743,35 @@ def train_step(run, x, y, beta):
             last_layer = run.model.decoder[-2].weight  # the adaptive weight balances gradients here
             extra, extra_logs = run.sharp.generator_terms(x, x_hat, recon, last_layer, run.step, x_prior)
             loss = loss + extra
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    grad_norm = None
-    if t["grad_clip"] > 0:
-        run.scaler.unscale_(run.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t["grad_clip"])
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
+    grad_norm = optimizer_update(run, loss, list(run.model.parameters()))
+    end_step(run)
     if run.sharp is not None:
         extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step, x_prior))
     return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm, extra_logs
 
 
-def update_part(run, loss, params):
-    """Backward `loss` and step the optimizer on `params` alone (the others got no gradient): one half of a
-    Soft-IntroVAE step. Returns the gradient norm before clipping (None when clipping is off)."""
+def optimizer_update(run, loss, params, average=False):
+    """Backward `loss` and step the optimizer, which skips parameters without a gradient (the other half of
+    the VAE in a Soft-IntroVAE update). average: the gradients are averaged over the ranks here, as the
+    data-parallel wrapper does only for its own forward. Returns the norm of `params`' gradient before
+    clipping (None when clipping is off)."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    mean_gradients_over_ranks(params, run.world)  # the wrapper's averaging needs its own forward
+    if average:
+        mean_gradients_over_ranks(params, run.world)
     grad_norm = None
     if run.cfg["train"]["grad_clip"] > 0:
         run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg["train"]["grad_clip"])
-    run.scaler.step(run.optimizer)  # Adam skips the parameters without a gradient
+    run.scaler.step(run.optimizer)
     run.scaler.update()
     return grad_norm
+
+
+def end_step(run):
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
 
 
 def soft_intro_step(run, x, y, beta):
@@ -2778,13 +2782,11 @@ def soft_intro_step(run, x, y, beta):
     noise = torch.randn(len(x), run.model.latent_dim, device=x.device)
     with frozen(decoder), run.autocast():
         loss, recon, kl, z, logs = run.intro.encoder_loss(run.model, x, y, beta, noise)
-    encoder_norm = update_part(run, loss, encoder)
+    encoder_norm = optimizer_update(run, loss, encoder, average=True)
     with frozen(encoder), run.autocast():
         decoder_loss = run.intro.decoder_loss(run.model, x, y, z.detach(), beta, noise)
-    decoder_norm = update_part(run, decoder_loss, decoder)
-    run.scheduler.step()
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
+    decoder_norm = optimizer_update(run, decoder_loss, decoder, average=True)
+    end_step(run)
     grad_norm = None if encoder_norm is None else torch.hypot(encoder_norm, decoder_norm)
     parts = torch.stack([recon + beta * kl, recon, kl]).detach()
     return parts, grad_norm, logs

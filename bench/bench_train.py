@@ -585,9 +585,10 @@ def bench_recipes(args):
            for name, v in seconds.items()}
     lines = [f"one training step per recipe: {args.image_size}x{args.image_size}, batch {args.batch_size}, "
              f"{device}, {torch.get_num_threads()} thread(s), precision {amp or 'fp32'}"]
+    model = {name: f"; model {m}" if m else "" for name, (_, m) in RECIPES.items()}
     lines += [f"{name:<28} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
               f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  "
-              f"({RECIPES[name][0] or 'no extra terms'}{'; model ' + str(RECIPES[name][1]) if RECIPES[name][1] else ''})"
+              f"({RECIPES[name][0] or 'no extra terms'}{model[name]})"
               for name, f in fig.items()]
     log(args, "\n".join(lines))
     if args.json:

@@ -46,6 +46,13 @@ def test_each_update_trains_its_own_half_of_the_vae():
     decoder_loss.backward()
     assert all(p.grad is None for p in encoder) and all(p.grad is not None for p in decoder)
     assert all(p.requires_grad for p in model.parameters())  # frozen() gives them back
+    # loss.intro_gamma_r adds the re-decoded images' errors, from the same draws otherwise
+    cfg["loss"]["intro_gamma_r"] = 0.5
+    with_rerecon = run_vae.SoftIntro(cfg, steps_per_epoch=4)
+    torch.manual_seed(1)
+    without = intro.decoder_loss(model, x, None, z.detach(), 0.5, noise)
+    torch.manual_seed(1)
+    assert with_rerecon.decoder_loss(model, x, None, z.detach(), 0.5, noise) > without + 1.0
     assert intro.on(4) and not intro.on(3)  # loss.adv_start is in epochs
 
 
