@@ -75,7 +75,9 @@ DEFAULTS = {
         "upsample": "transposed", # how the decoder doubles its resolution: transposed (4x4 stride-2 transposed
                                   # convs, the original design) | resize (nearest-neighbour x2, then a 3x3 conv:
                                   # every output pixel sees the same number of weights, the usual cure for
-                                  # checkerboard patterns; ~2.3x the decoder's FLOPs)
+                                  # checkerboard patterns; ~2.3x the decoder's FLOPs) | bilinear (bilinear x2, then a
+                                  # 3x3 conv: the [1 3 3 1] interpolation filter damps the copies of the image's
+                                  # spectrum that nearest-neighbour doubling leaves at the new high frequencies)
         "final_conv": False,      # a 3x3 conv at full resolution writes the pixels, from 32 feature maps the last
                                   # doubling makes: each pixel then mixes its neighbours, where otherwise the
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
@@ -322,7 +324,7 @@ CHOICES = {
     "fid.precision": ("fp32", "bf16", "auto"),
     "fid.select": tuple(SELECTION_METRICS),
     "model.prior": ("fitted", "standard"),
-    "model.upsample": ("transposed", "resize"),
+    "model.upsample": ("transposed", "resize", "bilinear"),
     "wandb.mode": ("online", "offline", "disabled"),
     "loss.perceptual_net": ("alex", "vgg", "msssim"),
 }
@@ -1112,9 +1114,10 @@ class ResBlock(nn.Module):
 
 class VAE(nn.Module):
     """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up
-    (or, with upsample="resize", 4 nearest-neighbour doublings each followed by a 3x3 conv); with final_conv the
-    last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them into pixels. res_blocks
-    residual blocks follow the doubling to half resolution and, with final_conv, the one to full resolution."""
+    (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or bilinear doublings, each followed by a 3x3
+    conv); with final_conv the last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them
+    into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
+    to full resolution."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
                  res_blocks=0):
@@ -1128,8 +1131,9 @@ class VAE(nn.Module):
             return [nn.Conv2d(cin, cout, 4, 2, 1)] + ([nn.BatchNorm2d(cout)] if bn else []) + [nn.ReLU(inplace=True)]
 
         def double(cin, cout):
-            if upsample == "resize":
-                return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1)]
+            if upsample in ("resize", "bilinear"):
+                mode = "nearest" if upsample == "resize" else "bilinear"
+                return [nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(cin, cout, 3, 1, 1)]
             return [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
 
         def up(cin, cout, blocks=0):

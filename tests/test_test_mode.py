@@ -101,19 +101,22 @@ def test_a_resize_decoder_run_loads_from_its_checkpoint_and_an_older_one_without
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in run_vae.model_from_checkpoint(ckpt).decoder)
 
 
+@pytest.mark.parametrize("upsample", ["resize", "bilinear"])
 def test_a_final_conv_run_loads_from_its_checkpoint_and_an_older_one_without_the_key_as_before(
-        tmp_path, image_folder):
+        tmp_path, image_folder, upsample):
     summary = run_vae.train(tiny_config(tmp_path, image_folder, train={"epochs": 1},
-                                        model={"upsample": "resize", "final_conv": True, "res_blocks": 1}))
+                                        model={"upsample": upsample, "final_conv": True, "res_blocks": 1}))
     ckpt = load_checkpoint(summary["best_checkpoint"])
     model = run_vae.model_from_checkpoint(ckpt)
     assert model.decoder[-2].in_channels == 32
     assert sum(isinstance(m, run_vae.ResBlock) for m in model.decoder) == 2
+    assert {m.mode for m in model.decoder if isinstance(m, torch.nn.Upsample)} == {
+        "nearest" if upsample == "resize" else "bilinear"}
     images, _, _ = run_vae.sample_grid(model, ckpt["classes"], 2, 0)
     assert images.shape[1:] == (3, 16, 16) and torch.isfinite(images).all()
     del ckpt["config"]["model"]["final_conv"]  # a checkpoint from before the options: pixels from the last doubling
     del ckpt["config"]["model"]["res_blocks"]
-    ckpt["model"] = run_vae.VAE(16, 8, upsample="resize").state_dict()
+    ckpt["model"] = run_vae.VAE(16, 8, upsample=upsample).state_dict()
     assert run_vae.model_from_checkpoint(ckpt).decoder[-2].in_channels == 64
 
 
