@@ -150,6 +150,12 @@ def resolve_data(protocol, data):
     return str(root)
 
 
+def run_stamp():
+    """The run-name suffix: the start time to the second, then the process id, so that two benches started in
+    the same second (two cores, two recipes) write to different run folders instead of meeting the run lock."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", default="apples", choices=list(PROTOCOLS))
@@ -172,7 +178,7 @@ def main():
                 **{k: v for k, v in [("config", args.config), ("epochs", args.epochs),
                                      ("num_samples", args.num_samples), ("num_real", args.num_real)] if v is not None}}
     data_root = resolve_data(args.protocol, args.data)
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two benches started in one second stay apart
+    stamp = run_stamp()
     rows = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:

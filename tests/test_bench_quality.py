@@ -75,6 +75,14 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
     assert quality.resolve_data("impressionism", str(images)) == str(images)
 
 
+def test_two_benches_started_in_the_same_second_get_different_run_names(monkeypatch):
+    monkeypatch.setattr(quality.time, "strftime", lambda fmt: "20261203-101500")
+    pids = iter([4101, 4102])
+    monkeypatch.setattr(quality.os, "getpid", lambda: next(pids))
+    first, second = quality.run_stamp(), quality.run_stamp()
+    assert first != second and first.startswith("20261203-101500") and second.endswith("4102")
+
+
 def test_the_loss_recipes_are_variants_and_configure_the_terms():
     import quality
     for name in ("plain", "perceptual", "adversarial", "both", "soft_intro"):
