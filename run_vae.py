@@ -84,6 +84,9 @@ DEFAULTS = {
         "res_blocks": 0,          # residual blocks (two 3x3 convs and a skip) after the decoder's doubling to half
                                   # and, with final_conv, to full resolution: capacity where the detail is drawn, as
                                   # in the VQGAN decoder. At 64 px each adds ~0.15 GFLOP per decoded image forward
+        "noise": False,           # per-pixel Gaussian noise after each doubling to feature maps, scaled by learned
+                                  # per-channel weights that start at 0 (as in StyleGAN): a source of random detail,
+                                  # so a sharpening loss need not be answered with a pattern repeated in every cell
     },
     "train": {
         "epochs": 20,
@@ -1112,15 +1115,37 @@ class ResBlock(nn.Module):
         return F.relu(x + self.body(x))
 
 
+class NoiseInjection(nn.Module):
+    """x + w * n: one map of N(0, 1) noise per image, fresh at every call, scaled per channel by w. w starts
+    at 0, so the decoder starts deterministic and learns how much randomness each channel wants."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.weight * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+
+
+@contextlib.contextmanager
+def fixed_noise(seed):
+    """Decoder noise (model.noise) comes from torch's global generator: seed it here and put it back after, so
+    a seed gives the same pictures every time and training's own random stream is left as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 class VAE(nn.Module):
     """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up
     (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or bilinear doublings, each followed by a 3x3
     conv); with final_conv the last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them
     into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
-    to full resolution."""
+    to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
-                 res_blocks=0):
+                 res_blocks=0, noise=False):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
@@ -1137,8 +1162,8 @@ class VAE(nn.Module):
             return [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
 
         def up(cin, cout, blocks=0):
-            return [*double(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)] + \
-                [ResBlock(cout) for _ in range(blocks)]
+            return [*double(cin, cout), *([NoiseInjection(cout)] if noise else []), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)] + [ResBlock(cout) for _ in range(blocks)]
 
         self.encoder = nn.Sequential(*down(3 + num_classes, 64, bn=False), *down(64, 128), *down(128, 256),
                                      *down(256, 512), nn.Flatten())
@@ -1222,7 +1247,7 @@ def reparameterize(mu, logvar):
 def build_model(cfg, num_classes):
     m = cfg["model"]
     return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"],
-               m["final_conv"], m["res_blocks"])
+               m["final_conv"], m["res_blocks"], m["noise"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule
@@ -2005,9 +2030,10 @@ class FIDScorer:
         g = torch.Generator().manual_seed(seed)  # the same z every evaluation: epochs compare like with like
         labels = self.class_labels(n) if model.num_classes else None
         images = []
-        for i in range(0, n, self.batch_size):
-            y = labels[i:i + self.batch_size] if labels is not None else None
-            images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, generator=g)).cpu())
+        with fixed_noise(seed):
+            for i in range(0, n, self.batch_size):
+                y = labels[i:i + self.batch_size] if labels is not None else None
+                images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, generator=g)).cpu())
         return torch.cat(images), labels
 
     def score(self, model, with_kid=False):
@@ -3144,14 +3170,15 @@ def make_grid_image(images, nrow, labels=None, pad=2):
 def sample_grid(model, classes, per_class, seed, temperature=1.0):
     """Prior samples; for a CVAE one row per class (the same noise across rows, so only the class changes)."""
     g = torch.Generator().manual_seed(seed)
-    if model.num_classes:
-        eps = torch.randn(per_class, model.latent_dim, generator=g)
-        eps = eps.repeat(model.num_classes, 1) * temperature
-        device = next(model.parameters()).device
-        y = torch.arange(model.num_classes).repeat_interleave(per_class).to(device)
-        return model.decode(model.prior_z(eps.to(device), y), y), per_class, list(classes)
-    n = per_class * max(1, len(classes))
-    return model.sample(n, temperature=temperature, generator=g), per_class, None
+    with fixed_noise(seed):
+        if model.num_classes:
+            eps = torch.randn(per_class, model.latent_dim, generator=g)
+            eps = eps.repeat(model.num_classes, 1) * temperature
+            device = next(model.parameters()).device
+            y = torch.arange(model.num_classes).repeat_interleave(per_class).to(device)
+            return model.decode(model.prior_z(eps.to(device), y), y), per_class, list(classes)
+        n = per_class * max(1, len(classes))
+        return model.sample(n, temperature=temperature, generator=g), per_class, None
 
 
 def json_ready(metrics):

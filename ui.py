@@ -33,8 +33,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from run_vae import (DEFAULTS, IMAGE_EXTENSIONS, CheckpointError, DataError, config_to_yaml, decode_image,
-                     load_checkpoint, load_image_folder, model_from_checkpoint, pick_device, prior_description,
-                     split_train_val, to_float)
+                     fixed_noise, load_checkpoint, load_image_folder, model_from_checkpoint, pick_device,
+                     prior_description, split_train_val, to_float)
 
 TRAIN_COMMAND = "python run_vae.py --config config/train_demo.yaml"
 UI_CACHE_DIR = str(Path(DEFAULTS["data"]["cache_dir"]) / "ui")  # decoded data images; never the run's own cache
@@ -381,9 +381,10 @@ def prior_noise(n, latent_dim, seed, temperature=1.0):
 def decode(model, z, class_weights=None):
     """Decode z; for a CVAE with a blend of classes per row (rows of class_weights sum to 1)."""
     z = z.to(device_of(model))
-    if class_weights is None:
-        return model.decode(z)
-    return model.decode(z, class_weights.float().to(device_of(model)))  # float rows: a blend of classes
+    with fixed_noise(0):  # a decoder with model.noise draws the same detail for the same request
+        if class_weights is None:
+            return model.decode(z)
+        return model.decode(z, class_weights.float().to(device_of(model)))  # float rows: a blend of classes
 
 
 @torch.no_grad()
@@ -441,7 +442,8 @@ def encode_mean(model, images_uint8, labels):
 def reconstruct(model, images_uint8, labels):
     """Decoded posterior means of real images (uint8, at the model's size)."""
     mu = encode_mean(model, images_uint8, labels)
-    return model.decode(mu, labels.to(device_of(model)) if model.num_classes else None)
+    with fixed_noise(0):
+        return model.decode(mu, labels.to(device_of(model)) if model.num_classes else None)
 
 
 @torch.no_grad()

@@ -554,14 +554,16 @@ def bench_ddp(args, processes):
 
 # (loss section, model section) of each measured step: the loss recipes with the default decoder, the
 # resize decoder (model.upsample) plain and under the adversarial term, and the variants of the adversarial
-# term with prior samples judged too of docs/results.md "Sharp samples"
+# term with prior samples judged too (decoders included) of docs/results.md "Sharp samples"
 WITH_PRIOR = {**run_vae.LOSS_RECIPES["adversarial"], "adv_prior": True}
 RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()},
            "plain, resize decoder": ({}, {"upsample": "resize"}),
            "adversarial, resize decoder": (run_vae.LOSS_RECIPES["adversarial"], {"upsample": "resize"}),
            "adv_prior": (WITH_PRIOR, {}),
            "adv_prior, antialiased disc": ({**WITH_PRIOR, "disc_antialias": True}, {}),
-           "adv_prior, res blocks": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1})}
+           "adv_prior, res blocks": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1}),
+           "adv_prior, res, bilinear": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "upsample": "bilinear"}),
+           "adv_prior, res, noise": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "noise": True})}
 
 
 def bench_recipes(args):

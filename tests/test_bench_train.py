@@ -73,7 +73,7 @@ def test_recipe_costs_count_the_extra_networks():
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(fig) == {"plain", "perceptual", "adversarial", "both", "soft_intro", "plain, resize decoder",
                         "adversarial, resize decoder", "adv_prior", "adv_prior, antialiased disc",
-                        "adv_prior, res blocks"}
+                        "adv_prior, res blocks", "adv_prior, res, bilinear", "adv_prior, res, noise"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
     assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
@@ -86,4 +86,6 @@ def test_recipe_costs_count_the_extra_networks():
     assert prior > fig["adversarial"]["gflop_per_image"]
     assert fig["adv_prior, antialiased disc"]["gflop_per_image"] > prior
     assert fig["adv_prior, res blocks"]["gflop_per_image"] > prior
+    # a bilinear doubling is a resize doubling: 3x3 convs at the doubled resolution, more than transposed convs
+    assert fig["adv_prior, res, bilinear"]["gflop_per_image"] > fig["adv_prior, res blocks"]["gflop_per_image"]
     assert fig["soft_intro"]["flops_vs_plain"] > 3.5  # three encoder and decoder passes more, and a fifth

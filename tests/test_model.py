@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import run_vae
 from run_vae import VAE, ResBlock, beta_at, lr_factor_at, vae_loss
 
 
@@ -297,3 +298,33 @@ def test_prior_fitted_under_bf16_autocast_matches_float32():
     assert torch.allclose(rounded.prior_mean, exact.prior_mean, atol=0.02 * spread)
     assert torch.allclose(rounded.prior_scale_tril, exact.prior_scale_tril, atol=0.02 * spread)
     assert not torch.equal(rounded.prior_mean, exact.prior_mean)  # autocast did run in bf16
+
+
+@pytest.mark.parametrize("final_conv, layers", [(False, 3), (True, 4)])
+def test_decoder_noise_starts_silent_then_adds_learned_random_detail(final_conv, layers):
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=8, final_conv=final_conv, noise=True).eval()
+    noises = [m for m in model.decoder if isinstance(m, run_vae.NoiseInjection)]
+    assert len(noises) == layers  # after every doubling to feature maps, none on the pixels
+    z = torch.randn(2, 8)
+    assert torch.equal(model.decode(z), model.decode(z))  # the weights start at 0: deterministic
+    model.decode(z).sum().backward()
+    assert all(n.weight.grad.abs().sum() > 0 for n in noises)  # ... and learnable from there
+    with torch.no_grad():
+        for n in noises:
+            n.weight.fill_(1.0)
+    assert not torch.equal(model.decode(z), model.decode(z))
+    with run_vae.fixed_noise(3):
+        a = model.decode(z)
+    with run_vae.fixed_noise(3):
+        b = model.decode(z)
+    assert torch.equal(a, b)
+
+
+def test_fixed_noise_leaves_the_global_random_stream_as_it_was():
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    with run_vae.fixed_noise(7):
+        torch.rand(100)
+    assert torch.equal(torch.rand(4), expected)

@@ -120,6 +120,23 @@ def test_a_final_conv_run_loads_from_its_checkpoint_and_an_older_one_without_the
     assert run_vae.model_from_checkpoint(ckpt).decoder[-2].in_channels == 64
 
 
+def test_a_noisy_decoder_run_reproduces_its_samples_and_an_older_checkpoint_loads_without_noise(
+        tmp_path, image_folder):
+    summary = run_vae.train(tiny_config(tmp_path, image_folder, train={"epochs": 1}, model={"noise": True}))
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    model = run_vae.model_from_checkpoint(ckpt)
+    noises = [m for m in model.decoder if isinstance(m, run_vae.NoiseInjection)]
+    assert noises and any(n.weight.abs().sum() > 0 for n in noises)  # trained away from the silent start
+    first, _, _ = run_vae.sample_grid(model, ckpt["classes"], 2, seed=5)
+    again, _, _ = run_vae.sample_grid(model, ckpt["classes"], 2, seed=5)
+    assert torch.equal(first, again)  # the same seed draws the same decoder noise too
+    del ckpt["config"]["model"]["noise"]  # a checkpoint from before the option
+    with pytest.raises(CheckpointError, match="do not match"):
+        run_vae.model_from_checkpoint(ckpt)
+    ckpt["model"] = run_vae.VAE(16, 8).state_dict()
+    assert not any(isinstance(m, run_vae.NoiseInjection) for m in run_vae.model_from_checkpoint(ckpt).decoder)
+
+
 def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
     (tmp_path / "t.yaml").write_text(f"run:\n  mode: test\ntest:\n  checkpoint: {tmp_path}/missing.pt\n")
     assert run_vae.main(["--config", str(tmp_path / "t.yaml")]) == 2

@@ -497,6 +497,19 @@ def test_blending_classes_matches_decoding_class_indices(runs):
         assert path.shape == (5, 8) and torch.allclose(path[0], a) and torch.allclose(path[-1], b, atol=1e-6)
 
 
+def test_a_noisy_decoder_shows_the_same_pictures_for_the_same_request():
+    torch.manual_seed(0)
+    model = run_vae.VAE(16, 8, 3, noise=True).eval()
+    for m in model.decoder:
+        if isinstance(m, run_vae.NoiseInjection):
+            m.weight.data.fill_(1.0)
+    grids = [ui.prior_samples(model, 4, seed=2, temperature=1.0) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grids))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1])
+    assert torch.equal(ui.reconstruct(model, images, labels), ui.reconstruct(model, images, labels))
+
+
 def test_64_image_grid_at_64px_takes_well_under_a_second():
     model = run_vae.VAE(64, 128, 0).eval().to(memory_format=torch.channels_last)  # as ui.load_model leaves it
     times = []
