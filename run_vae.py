@@ -77,7 +77,8 @@ DEFAULTS = {
                                   # every output pixel sees the same number of weights, the usual cure for
                                   # checkerboard patterns; ~2.3x the decoder's FLOPs) | bilinear (bilinear x2, then a
                                   # 3x3 conv: the [1 3 3 1] interpolation filter damps the copies of the image's
-                                  # spectrum that nearest-neighbour doubling leaves at the new high frequencies)
+                                  # spectrum that nearest-neighbour doubling leaves at the new high frequencies;
+                                  # under the adversarial term it draws contour lines, docs/results.md)
         "final_conv": False,      # a 3x3 conv at full resolution writes the pixels, from 32 feature maps the last
                                   # doubling makes: each pixel then mixes its neighbours, where otherwise the
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, make_image_folder
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -88,4 +90,7 @@ def test_recipe_costs_count_the_extra_networks():
     assert fig["adv_prior, res blocks"]["gflop_per_image"] > prior
     # a bilinear doubling is a resize doubling: 3x3 convs at the doubled resolution, more than transposed convs
     assert fig["adv_prior, res, bilinear"]["gflop_per_image"] > fig["adv_prior, res blocks"]["gflop_per_image"]
+    # decoder noise is one multiply-add per feature value: its FLOPs are the decoder's without it, to 1 %
+    assert fig["adv_prior, res, noise"]["gflop_per_image"] == pytest.approx(
+        fig["adv_prior, res blocks"]["gflop_per_image"], rel=0.01)
     assert fig["soft_intro"]["flops_vs_plain"] > 3.5  # three encoder and decoder passes more, and a fifth

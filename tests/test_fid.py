@@ -130,6 +130,21 @@ def test_generated_classes_follow_the_real_proportions(tmp_path):
     assert torch.bincount(scorer.class_labels(100)).tolist() == [20, 20, 60]
 
 
+def test_a_noisy_decoder_is_scored_on_the_same_images_every_evaluation(tmp_path):
+    root = make_image_folder(tmp_path / "img", per_class=4)
+    cfg = fid_config(tmp_path, root, data={"val_fraction": 0.0})
+    data, tr, va = run_vae.load_data(cfg)
+    scorer = FIDScorer(cfg, data, tr, va, torch.device("cpu"), tiny_features())
+    model = run_vae.VAE(16, 8, noise=True).eval()
+    for m in model.decoder:
+        if isinstance(m, run_vae.NoiseInjection):
+            m.weight.data.fill_(1.0)
+    first, _ = scorer.generate(model, 6, seed=0)
+    torch.rand(3)  # training moves the global stream on between evaluations
+    again, _ = scorer.generate(model, 6, seed=0)
+    assert torch.equal(first, again)
+
+
 def test_best_checkpoint_is_written_only_when_fid_improves(tmp_path, image_folder, monkeypatch):
     scripted = iter([5.0, 3.0, 4.0, 2.0])  # improves at epochs 1, 2 and 4, not at 3
     monkeypatch.setattr(FIDScorer, "score", lambda self, model, with_kid=False: {

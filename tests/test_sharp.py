@@ -453,7 +453,8 @@ def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder, j
 
 
 @pytest.mark.parametrize("adv_prior, model, antialias", [
-    (False, {}, False), (True, {}, True), (True, {"upsample": "bilinear", "final_conv": True, "res_blocks": 1, "noise": True}, False)])
+    (False, {}, False), (True, {}, True),
+    (True, {"upsample": "bilinear", "final_conv": True, "res_blocks": 1, "noise": True}, False)])
 def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder,
                                                                                       adv_prior, model, antialias):
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1}, model={"latent_dim": 8, **model},
