@@ -1123,9 +1123,15 @@ class NoiseInjection(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.shared_seed = None  # set by shared_noise
 
     def forward(self, x):
-        return x + self.weight * torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        if self.shared_seed is None:
+            noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        else:
+            g = torch.Generator().manual_seed(self.shared_seed)
+            noise = torch.randn(1, 1, *x.shape[2:], generator=g).to(x.device, x.dtype)
+        return x + self.weight * noise
 
 
 @contextlib.contextmanager
@@ -1136,6 +1142,21 @@ def fixed_noise(seed):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def shared_noise(model, seed):
+    """Every image decoded here gets the same noise maps (one per layer, drawn from seed), so an image's detail
+    depends on its code alone and not on which batch it is decoded in: what a gallery that shows sample i the
+    same whatever the number of samples needs. Training and FID keep independent noise per image."""
+    layers = [m for m in model.modules() if isinstance(m, NoiseInjection)]
+    for i, layer in enumerate(layers):
+        layer.shared_seed = seed * len(layers) + i
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.shared_seed = None
 
 
 class VAE(nn.Module):

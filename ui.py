@@ -33,8 +33,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from run_vae import (DEFAULTS, IMAGE_EXTENSIONS, CheckpointError, DataError, config_to_yaml, decode_image,
-                     fixed_noise, load_checkpoint, load_image_folder, model_from_checkpoint, pick_device,
-                     prior_description, split_train_val, to_float)
+                     load_checkpoint, load_image_folder, model_from_checkpoint, pick_device,
+                     prior_description, shared_noise, split_train_val, to_float)
 
 TRAIN_COMMAND = "python run_vae.py --config config/train_demo.yaml"
 UI_CACHE_DIR = str(Path(DEFAULTS["data"]["cache_dir"]) / "ui")  # decoded data images; never the run's own cache
@@ -381,7 +381,7 @@ def prior_noise(n, latent_dim, seed, temperature=1.0):
 def decode(model, z, class_weights=None):
     """Decode z; for a CVAE with a blend of classes per row (rows of class_weights sum to 1)."""
     z = z.to(device_of(model))
-    with fixed_noise(0):  # a decoder with model.noise draws the same detail for the same request
+    with shared_noise(model, 0):  # a decoder with model.noise: the same detail for the same code, in any batch
         if class_weights is None:
             return model.decode(z)
         return model.decode(z, class_weights.float().to(device_of(model)))  # float rows: a blend of classes
@@ -442,7 +442,7 @@ def encode_mean(model, images_uint8, labels):
 def reconstruct(model, images_uint8, labels):
     """Decoded posterior means of real images (uint8, at the model's size)."""
     mu = encode_mean(model, images_uint8, labels)
-    with fixed_noise(0):
+    with shared_noise(model, 0):
         return model.decode(mu, labels.to(device_of(model)) if model.num_classes else None)
 
 

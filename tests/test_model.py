@@ -322,6 +322,23 @@ def test_decoder_noise_starts_silent_then_adds_learned_random_detail(final_conv,
     assert torch.equal(a, b)
 
 
+def test_shared_noise_gives_every_image_of_a_batch_the_same_maps_and_ends_with_its_block():
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=8, final_conv=True, noise=True).eval()
+    for m in model.decoder:
+        if isinstance(m, run_vae.NoiseInjection):
+            m.weight.data.fill_(1.0)
+    z = torch.randn(1, 8).repeat(3, 1)
+    with run_vae.shared_noise(model, 5):
+        same = model.decode(z)
+        assert torch.allclose(model.decode(z[:1]), same[:1], atol=1e-6)  # alone or in a batch
+    assert torch.allclose(same[0], same[1], atol=1e-6) and torch.allclose(same[0], same[2], atol=1e-6)
+    with run_vae.shared_noise(model, 6):
+        assert not torch.allclose(model.decode(z[:1]), same[:1], atol=1e-3)  # another seed, other maps
+    apart = model.decode(z)  # outside the block: fresh noise per image again
+    assert not torch.allclose(apart[0], apart[1], atol=1e-3)
+
+
 def test_fixed_noise_leaves_the_global_random_stream_as_it_was():
     torch.manual_seed(1)
     expected = torch.rand(4)
