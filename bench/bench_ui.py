@@ -28,19 +28,28 @@ def best_of(repeats, fn):
     return min(times)
 
 
-def main(argv=None):
+def gallery_model(image_size, overrides):
+    """The model of DEFAULTS with the overrides, untrained, in eval mode and laid out as ui.load_model leaves it."""
+    cfg = run_vae.load_config(None, [f"data.image_size={image_size}", *overrides])
+    return run_vae.build_model(cfg, 0).eval().to(memory_format=torch.channels_last)
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=64, help="samples in the grid")
     p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="the best of these many runs counts")
     p.add_argument("overrides", nargs="*", help="model.key=value, as for run_vae.py")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        cfg = run_vae.load_config(None, [f"data.image_size={args.image_size}", *args.overrides])
+        model = gallery_model(args.image_size, args.overrides)
     except run_vae.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = run_vae.build_model(cfg, 0).eval().to(memory_format=torch.channels_last)  # as ui.load_model leaves it
     z = torch.randn(args.n, model.latent_dim)
 
     def gallery():
