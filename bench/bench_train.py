@@ -563,7 +563,8 @@ RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()}
            "adv_prior, antialiased disc": ({**WITH_PRIOR, "disc_antialias": True}, {}),
            "adv_prior, res blocks": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1}),
            "adv_prior, res, bilinear": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "upsample": "bilinear"}),
-           "adv_prior, res, noise": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "noise": True})}
+           "adv_prior, res, noise": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "noise": True}),
+           "soft_intro, res blocks": (run_vae.LOSS_RECIPES["soft_intro"], {"final_conv": True, "res_blocks": 1})}
 
 
 def bench_recipes(args):
