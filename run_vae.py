@@ -1117,8 +1117,9 @@ class ResBlock(nn.Module):
 
 
 class NoiseInjection(nn.Module):
-    """x + w * n: one map of N(0, 1) noise per image, fresh at every call, scaled per channel by w. w starts
-    at 0, so the decoder starts deterministic and learns how much randomness each channel wants."""
+    """x + w * n: one map of N(0, 1) noise per image, fresh at every call (inside shared_noise, one fixed map
+    for the whole batch), scaled per channel by w. w starts at 0, so the decoder starts deterministic and
+    learns how much randomness each channel wants."""
 
     def __init__(self, channels):
         super().__init__()
