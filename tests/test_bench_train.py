@@ -75,7 +75,8 @@ def test_recipe_costs_count_the_extra_networks():
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(fig) == {"plain", "perceptual", "adversarial", "both", "soft_intro", "plain, resize decoder",
                         "adversarial, resize decoder", "adv_prior", "adv_prior, antialiased disc",
-                        "adv_prior, res blocks", "adv_prior, res, bilinear", "adv_prior, res, noise"}
+                        "adv_prior, res blocks", "adv_prior, res, bilinear", "adv_prior, res, noise",
+                        "soft_intro, res blocks"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
     assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
@@ -93,4 +94,7 @@ def test_recipe_costs_count_the_extra_networks():
     # decoder noise is one multiply-add per feature value: its FLOPs are the decoder's without it, to 1 %
     assert fig["adv_prior, res, noise"]["gflop_per_image"] == pytest.approx(
         fig["adv_prior, res blocks"]["gflop_per_image"], rel=0.01)
+    # Soft-IntroVAE runs each decoder three times a step: its residual blocks cost more than adv_prior's
+    intro_res, intro = fig["soft_intro, res blocks"]["gflop_per_image"], fig["soft_intro"]["gflop_per_image"]
+    assert intro_res - intro > fig["adv_prior, res blocks"]["gflop_per_image"] - prior
     assert fig["soft_intro"]["flops_vs_plain"] > 3.5  # three encoder and decoder passes more, and a fifth
