@@ -136,6 +136,9 @@ DEFAULTS = {
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
+        "disc_conditional": False,# with model.conditional, the discriminator is told the label (a projection
+                                  # discriminator, Miyato & Koyama 2018): a fake must look like its class, not
+                                  # merely like some real image
         "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
                                   # (SoftIntro below); not combined with the perceptual or adversarial term.
                                   # 4.3x the plain step's FLOPs
@@ -362,6 +365,9 @@ def check_config(cfg):
     if loss["soft_intro"] and (loss["perceptual"] > 0 or loss["adversarial"] > 0):
         raise ConfigError("loss.soft_intro replaces the adversarial term and is not combined with the perceptual "
                           "one: set loss.perceptual=0 and loss.adversarial=0, or loss.soft_intro=false")
+    if loss["disc_conditional"] and not cfg["model"]["conditional"]:
+        raise ConfigError("loss.disc_conditional tells the discriminator each image's label, which only a "
+                          "conditional model has: set model.conditional=true, or loss.disc_conditional=false")
     if cfg["fid"]["enabled"] and cfg["fid"]["select"] == "fd_eff" and not cfg["fid"]["efficientnet"]:
         raise ConfigError("fid.select=fd_eff needs fid.efficientnet=true (FD_eff is measured in its features)")
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
@@ -1487,7 +1493,7 @@ class PatchDiscriminator(nn.Module):
     sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond. With antialias each
     stride-2 conv becomes a 3x3 conv at full resolution, LeakyReLU, then BlurPool (patches of 45 px)."""
 
-    def __init__(self, image_size, channels=64, antialias=False):
+    def __init__(self, image_size, channels=64, antialias=False, num_classes=0):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
         layers, cin = [], 3
@@ -1499,9 +1505,16 @@ class PatchDiscriminator(nn.Module):
                 layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2)]
             cin = cout
         self.net = nn.Sequential(*layers, sn(nn.Conv2d(cin, 1, 3, 1, 1)))
+        # projection: each patch's logit gains <embedding of the label, the patch's last features>
+        self.class_embedding = sn(nn.Embedding(num_classes, cin)) if num_classes else None
 
-    def forward(self, x):
-        return self.net(2 * x - 1)  # [0,1] images, centred
+    def forward(self, x, y=None):
+        """One logit per patch for [0,1] images x; with classes, y (indices) is the label each image claims."""
+        if self.class_embedding is None:
+            return self.net(2 * x - 1)
+        features = self.net[:-1](2 * x - 1)
+        projection = (self.class_embedding(y)[:, :, None, None] * features).sum(1, keepdim=True)
+        return self.net[-1](features) + projection
 
 
 def hinge_d_loss(real_logits, fake_logits):
@@ -1534,9 +1547,12 @@ def adaptive_adversarial_weight(rec_loss, g_loss, last_layer_weight, max_weight=
     return weight.clamp(0, max_weight).detach()
 
 
-def with_prior(x_hat, x_prior):
-    """The fakes the discriminator judges: reconstructions, and prior samples when there are any."""
-    return x_hat if x_prior is None else torch.cat([x_hat, x_prior])
+def with_prior(x_hat, x_prior, y=None):
+    """(fakes, their labels) the discriminator judges: reconstructions, and prior samples when there are any
+    (decoded with the batch's labels)."""
+    if x_prior is None:
+        return x_hat, y
+    return torch.cat([x_hat, x_prior]), None if y is None else torch.cat([y, y])
 
 
 def random_roll(images, max_shift):
@@ -1610,7 +1626,7 @@ class SharpTerms:
 
     Logged values are detached 0-d tensors (no device sync until the caller reads them)."""
 
-    def __init__(self, cfg, device, steps_per_epoch, amp_dtype=None):
+    def __init__(self, cfg, device, steps_per_epoch, amp_dtype=None, num_classes=0):
         loss, device = cfg["loss"], torch.device(device)
         self.device, self.amp_dtype = device, amp_dtype
         self.perceptual_weight, self.adversarial_weight = loss["perceptual"], loss["adversarial"]
@@ -1618,8 +1634,9 @@ class SharpTerms:
             if self.perceptual_weight > 0 else None
         self.disc = self.disc_opt = None
         if self.adversarial_weight > 0:
+            classes = num_classes if loss["disc_conditional"] else 0
             self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"],
-                                           loss["disc_antialias"]).to(device)
+                                           loss["disc_antialias"], classes).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
             self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.jitter = loss["perceptual_jitter"]
@@ -1641,10 +1658,11 @@ class SharpTerms:
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
 
-    def generator_terms(self, x, x_hat, rec_loss, last_layer, step, x_prior=None):
+    def generator_terms(self, x, x_hat, rec_loss, last_layer, step, x_prior=None, y=None):
         """(weighted perceptual + adaptively weighted adversarial loss, logs) to add to the VAE's loss.
         rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added);
-        x_prior, decoded prior samples, join the reconstructions before the discriminator."""
+        x_prior, decoded prior samples, join the reconstructions before the discriminator; y, the batch's
+        labels, is what a conditional discriminator is told."""
         extra, logs = torch.zeros((), device=x.device), {}
         if self.perceptual is not None:
             perc = self.perceptual(*random_roll((x_hat, x), self.jitter)).mean()
@@ -1652,22 +1670,25 @@ class SharpTerms:
             logs["perceptual"] = perc.detach()
         if self.adversarial_on(step):
             self.disc.requires_grad_(False)  # its weights are trained only by discriminator_step
-            g_loss = hinge_g_loss(self.disc(self.augment(with_prior(x_hat, x_prior))))
+            fakes, labels = with_prior(x_hat, x_prior, y)
+            g_loss = hinge_g_loss(self.disc(self.augment(fakes), labels))
             self.disc.requires_grad_(True)
             weight = adaptive_adversarial_weight(rec_loss + extra, g_loss, last_layer, self.max_weight)
             extra = extra + self.adversarial_weight * weight * g_loss
             logs.update(adv_g_loss=g_loss.detach(), adv_weight=weight)
         return extra, logs
 
-    def discriminator_step(self, x, x_hat, step, x_prior=None):
+    def discriminator_step(self, x, x_hat, step, x_prior=None, y=None):
         """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat and
-        prior samples x_prior, under the run's autocast; nothing before loss.adv_start. Returns logs."""
+        prior samples x_prior, all with labels y, under the run's autocast; nothing before loss.adv_start.
+        Returns logs."""
         if not self.adversarial_on(step):
             return {}
         real = x.detach().float().requires_grad_(self.r1 > 0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            real_logits = self.disc(self.augment(real))
-            fake_logits = self.disc(self.augment(with_prior(x_hat, x_prior).detach().float()))
+            real_logits = self.disc(self.augment(real), y)
+            fakes, labels = with_prior(x_hat, x_prior, y)
+            fake_logits = self.disc(self.augment(fakes.detach().float()), labels)
             loss = hinge_d_loss(real_logits, fake_logits)
             logs = {"disc_loss": loss.detach()}
             if self.r1 > 0:
@@ -2673,7 +2694,7 @@ class Run:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t["ema"]), use_buffers=True)
         self.shuffle = torch.Generator().manual_seed(cfg["run"]["seed"] + 1)
         self.epoch_shuffle_state = self.shuffle.get_state()
-        sharp = SharpTerms(cfg, self.device, self.steps_per_epoch, self.amp_dtype)
+        sharp = SharpTerms(cfg, self.device, self.steps_per_epoch, self.amp_dtype, len(self.data.classes))
         self.sharp = sharp if sharp.enabled else None  # perceptual / adversarial terms (loss section)
         if self.sharp is not None and self.sharp.disc is not None:
             average_gradients_over_ranks(self.sharp.disc, self.world)
@@ -2794,12 +2815,12 @@ def train_step(run, x, y, beta):
         loss = recon + beta * kl
         if run.sharp is not None:
             last_layer = run.model.decoder[-2].weight  # the adaptive weight balances gradients here
-            extra, extra_logs = run.sharp.generator_terms(x, x_hat, recon, last_layer, run.step, x_prior)
+            extra, extra_logs = run.sharp.generator_terms(x, x_hat, recon, last_layer, run.step, x_prior, y)
             loss = loss + extra
     grad_norm = optimizer_update(run, loss, list(run.model.parameters()))
     end_step(run)
     if run.sharp is not None:
-        extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step, x_prior))
+        extra_logs.update(run.sharp.discriminator_step(x, x_hat, run.step, x_prior, y))
     return torch.stack([loss.detach(), recon.detach(), kl.detach()]), grad_norm, extra_logs
 
 

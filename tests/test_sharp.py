@@ -122,7 +122,8 @@ def test_a_few_steps_on_the_perceptual_term_lower_it(net):
     ({"adversarial": -1.0}, "loss.adversarial"), ({"adv_start": -1.0}, "loss.adv_start"),
     ({"adv_weight_max": 0.0}, "loss.adv_weight_max"), ({"disc_lr": 0.0}, "loss.disc_lr"),
     ({"disc_channels": 1}, "loss.disc_channels"), ({"diffaug": "color,flip"}, "loss.diffaug"),
-    ({"r1": -1.0}, "loss.r1"), ({"perceptual_jitter": -1}, "loss.perceptual_jitter")])
+    ({"r1": -1.0}, "loss.r1"), ({"perceptual_jitter": -1}, "loss.perceptual_jitter"),
+    ({"adversarial": 0.5, "disc_conditional": True}, "model.conditional")])
 def test_bad_loss_config_is_a_config_error(bad, match):
     with pytest.raises(run_vae.ConfigError, match=match):
         run_vae.load_config(None, {"loss": bad})
@@ -226,6 +227,43 @@ def test_antialiased_discriminator_sends_the_decoder_a_gradient_without_a_period
                for m in antialiased.net)
     assert sum(isinstance(m, run_vae.BlurPool) for m in antialiased.net) == 2
     assert nyquist_share(antialiased) < 0.25 * nyquist_share(strided)  # 0.04-0.16 over seeds 0-5
+
+
+def test_a_conditional_discriminator_adds_a_label_projection_and_keeps_the_plain_keys():
+    torch.manual_seed(0)
+    plain, projected = run_vae.PatchDiscriminator(32, 8), run_vae.PatchDiscriminator(32, 8, num_classes=3)
+    # the unconditional discriminator's keys are unchanged, so its earlier last.pt files still resume
+    assert set(projected.state_dict()) - set(plain.state_dict()) == {
+        k for k in projected.state_dict() if k.startswith("class_embedding.")} != set()
+    x = torch.rand(2, 3, 32, 32)
+    a, b = projected(x, torch.tensor([0, 0])), projected(x, torch.tensor([1, 2]))
+    assert a.shape == b.shape == plain(x).shape
+    assert not torch.allclose(a, b)  # the same images claiming other classes score differently
+    # the label shifts each patch's logit by a projection of the patch's features, not by a constant
+    assert (a - b).flatten(1).std(1).min() > 0
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_only_a_conditional_discriminator_learns_to_reject_images_of_the_wrong_class(tmp_path, conditional):
+    # Real: red discs labelled 0, blue discs labelled 1. Fake: the very same images with the classes
+    # swapped, which an unconditional critic cannot tell from real (its hinge loss stays near 1).
+    torch.manual_seed(0)
+    cfg = run_vae.load_config(None, {"data": {"image_size": 16, "root": str(tmp_path)},
+                                     "model": {"conditional": True},
+                                     "loss": {"adversarial": 0.5, "adv_start": 0.0, "diffaug": "", "disc_channels": 8,
+                                              "disc_lr": 1e-2, "disc_conditional": conditional}})
+    sharp = run_vae.SharpTerms(cfg, "cpu", steps_per_epoch=10, num_classes=2)
+    shapes = disc_images(8)
+    red = shapes * torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    blue = shapes * torch.tensor([0.2, 0.2, 1.0])[:, None, None]
+    y = torch.tensor([0] * 8 + [1] * 8)
+    real, wrong_class = torch.cat([red, blue]), torch.cat([blue, red])
+    losses = [sharp.discriminator_step(real, wrong_class, step, y=y)["disc_loss"].item() for step in range(60)]
+    final = np.mean(losses[-5:])
+    if conditional:
+        assert final < 0.5
+    else:
+        assert final > 0.9
 
 
 def test_blur_pool_halves_the_size_and_keeps_a_flat_image_flat():
@@ -454,11 +492,14 @@ def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder, j
 
 @pytest.mark.parametrize("adv_prior, model, antialias", [
     (False, {}, False), (True, {}, True),
-    (True, {"upsample": "bilinear", "final_conv": True, "res_blocks": 1, "noise": True}, False)])
+    (True, {"upsample": "bilinear", "final_conv": True, "res_blocks": 1, "noise": True}, False),
+    (True, {"conditional": True}, False)])
 def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder,
                                                                                       adv_prior, model, antialias):
+    conditional = model.get("conditional", False)  # then the discriminator is told the labels too
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1}, model={"latent_dim": 8, **model},
-                      loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": adv_prior, "disc_antialias": antialias})
+                      loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": adv_prior, "disc_antialias": antialias,
+                            "disc_conditional": conditional})
     summary = train(cfg)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(summary["run_dir"]).Reload()
@@ -467,6 +508,7 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
     assert all(np.isfinite(e.value) for e in disc + acc.Scalars("train/adv_weight"))
     last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
     assert set(last["sharp"]) == {"disc", "disc_opt", "disc_scaler"}
+    assert any(k.startswith("class_embedding.") for k in last["sharp"]["disc"]) == conditional
     best = load_checkpoint(summary["best_checkpoint"])
     assert "sharp" not in best and not any(k.startswith("disc") for k in best["model"])
     metrics = run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": summary["best_checkpoint"],
@@ -474,11 +516,12 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
     assert metrics["epoch"] == best["epoch"] and (tmp_path / "test/samples.png").is_file()
 
 
-@pytest.mark.parametrize("adv_prior", [False, True])
-def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior):
-    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior}
-    full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, loss=loss)
-    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, loss=loss)
+@pytest.mark.parametrize("adv_prior, conditional", [(False, False), (True, False), (True, True)])
+def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior, conditional):
+    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior, "disc_conditional": conditional}
+    model = {"latent_dim": 8, "conditional": conditional}
+    full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, model=model, loss=loss)
+    part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, model=model, loss=loss)
     train(full)
     with pytest.raises(run_vae.StopRequested), interrupted_during_step(4):  # mid epoch 2, disc running
         train(part)
