@@ -1716,6 +1716,11 @@ class SharpTerms:
                                   f"({'saved' if state else 'none saved'}, {'on' if self.disc else 'off'} now): "
                                   "resume with the loss settings the run started with")
         if state:
+            saved = any(k.startswith("class_embedding.") for k in state["disc"])
+            if saved != (self.disc.class_embedding is not None):
+                raise CheckpointError(f"the checkpoint's discriminator was {'' if saved else 'not '}told the labels "
+                                      f"(loss.disc_conditional): resume with loss.disc_conditional="
+                                      f"{str(saved).lower()}, as the run started")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
             self.disc_scaler.load_state_dict(state["disc_scaler"])

@@ -537,3 +537,15 @@ def test_resume_refuses_to_drop_the_discriminator(tmp_path, image_folder):
     plain = tiny_config(tmp_path, image_folder, train={"epochs": 2})
     with pytest.raises(run_vae.ConfigError, match="discriminator"):
         train(plain, resume=True)
+
+
+@pytest.mark.parametrize("conditional_then", [False, True])
+def test_resume_refuses_to_switch_the_discriminators_labels(tmp_path, image_folder, conditional_then):
+    def config(conditional):
+        return tiny_config(tmp_path, image_folder, model={"latent_dim": 8, "conditional": True}, train={"epochs": 2},
+                           loss={"adversarial": 0.5, "adv_start": 0.0, "disc_conditional": conditional})
+    train(config(conditional_then), max_epochs=1)
+    last = (tmp_path / "logs/tiny/last.pt").read_bytes()
+    with pytest.raises(run_vae.CheckpointError, match=f"loss.disc_conditional={str(conditional_then).lower()}"):
+        train(config(not conditional_then), resume=True)
+    assert (tmp_path / "logs/tiny/last.pt").read_bytes() == last  # nothing saved is lost
