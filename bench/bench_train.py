@@ -349,12 +349,30 @@ def bench(args):
 
     variants = ["fp32", half] + ([auto] if auto not in ("fp32", half) else [])
     variants += [f"baseline_w{w}" for w in args.baseline_workers]
+    rounds = measure_rounds(args, variants, half, config, workdir, device)
+    fig = summarise(args, rounds, half, auto, gflop)
+    fig["cold_decode_s"] = cold_decode_s
+    fig.update(auto_precision=auto, device=str(device), threads=torch.get_num_threads(), data=data_note, images=n_images,
+               image_size=args.image_size, batch_size=args.batch_size, latent_dim=args.latent_dim,
+               epochs=args.epochs, rounds=args.rounds, baseline=f"baseline_w{args.baseline_workers[0]}",
+               load_average=[round(load_before[0], 2), round(os.getloadavg()[0], 2)])
+    report(args, fig, half, auto, fig["baseline"])
+    return fig
+
+
+def measure_rounds(args, variants, half, config, workdir, device):
+    """Each variant trained once per round, in a child process, with the matmul speed measured around it."""
+    half_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[half]
+
+    def matmul_speeds():
+        return {"fp32": matmul_gflops(torch.float32, device, args.matmul_n),
+                half: matmul_gflops(half_dtype, device, args.matmul_n)}
+
     rounds = []
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]  # drift over time hits both ends equally
         res = {}
-        mm = {"fp32": matmul_gflops(torch.float32, device, args.matmul_n),
-              half: matmul_gflops(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[half]), device, args.matmul_n)}
+        mm = matmul_speeds()
         for v in order:
             if v.startswith("baseline_w") and r > 0 and v != f"baseline_w{args.baseline_workers[0]}":
                 continue  # the secondary baseline setting is a note: one round of it is enough
@@ -365,9 +383,7 @@ def bench(args):
                 out = run_child("baseline", job, workdir)
             else:
                 out = run_child("trainer", job, workdir)
-            after = {"fp32": matmul_gflops(torch.float32, device, args.matmul_n),
-                     half: matmul_gflops(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[half]),
-                                         device, args.matmul_n)}
+            after = matmul_speeds()
             out["matmul_gflops"] = {k: (mm[k] + after[k]) / 2 for k in mm}
             mm = after
             res[v] = out
@@ -375,7 +391,11 @@ def bench(args):
                       f"first step after {out['start_s']:.2f} s, peak RSS {out['peak_rss_mib']:.0f} MiB, "
                       f"matmul fp32 {out['matmul_gflops']['fp32']:.0f} GFLOP/s")
         rounds.append(res)
+    return rounds
 
+
+def summarise(args, rounds, half, auto, gflop):
+    """The figures bench prints: medians over rounds of speeds, ceilings, start-up and loss agreement."""
     base = f"baseline_w{args.baseline_workers[0]}"
 
     def per_round(fn):
@@ -410,7 +430,6 @@ def bench(args):
         "run_end_s_fp32": per_round(lambda res: res["fp32"]["run_end_s"]),
         "prior_fits_per_run": max(res[v]["fits"] for res in rounds for v in res if not v.startswith("baseline")),
         "epoch_end_s": per_round(lambda res: res[auto]["epoch_end_s"] / args.epochs),
-        "cold_decode_s": cold_decode_s,
         "peak_rss_mib": max(res[v]["peak_rss_mib"] for res in rounds for v in res if not v.startswith("baseline")),
         "baseline_peak_rss_mib": max(res[v]["peak_rss_mib"] for res in rounds for v in res if v.startswith("baseline")),
         "gflop_per_image": gflop,
@@ -433,11 +452,6 @@ def bench(args):
     parts = rounds[0][auto]["epoch_end_parts"]
     fig["epoch_end_parts_s"] = {k: round(v / args.epochs, 3) for k, v in parts.items()
                                 if k not in ("load_data", "fit_prior")}
-    fig.update(auto_precision=auto, device=str(device), threads=torch.get_num_threads(), data=data_note, images=n_images,
-               image_size=args.image_size, batch_size=args.batch_size, latent_dim=args.latent_dim,
-               epochs=args.epochs, rounds=args.rounds, baseline=base,
-               load_average=[round(load_before[0], 2), round(os.getloadavg()[0], 2)])
-    report(args, fig, half, auto, base)
     return fig
 
 
