@@ -88,6 +88,9 @@ DEFAULTS = {
         "noise": False,           # per-pixel Gaussian noise after each doubling to feature maps, scaled by learned
                                   # per-channel weights that start at 0 (as in StyleGAN): a source of random detail,
                                   # so a sharpening loss need not be answered with a pattern repeated in every cell
+        "class_norm": False,      # with conditional, each BatchNorm after a decoder doubling gets a per-class scale
+                                  # and shift (conditional BatchNorm): the label reaches every resolution, where
+                                  # otherwise it enters only the first linear layer with z (and can be ignored)
     },
     "train": {
         "epochs": 20,
@@ -365,6 +368,9 @@ def check_config(cfg):
     if loss["soft_intro"] and (loss["perceptual"] > 0 or loss["adversarial"] > 0):
         raise ConfigError("loss.soft_intro replaces the adversarial term and is not combined with the perceptual "
                           "one: set loss.perceptual=0 and loss.adversarial=0, or loss.soft_intro=false")
+    if cfg["model"]["class_norm"] and not cfg["model"]["conditional"]:
+        raise ConfigError("model.class_norm gives the decoder a scale and shift per class, which only a conditional "
+                          "model has: set model.conditional=true, or model.class_norm=false")
     if loss["disc_conditional"] and not cfg["model"]["conditional"]:
         raise ConfigError("loss.disc_conditional tells the discriminator each image's label, which only a "
                           "conditional model has: set model.conditional=true, or loss.disc_conditional=false")
@@ -1141,6 +1147,26 @@ class NoiseInjection(nn.Module):
         return x + self.weight * noise
 
 
+class ClassBatchNorm(nn.Module):
+    """BatchNorm, then a scale (1 + gamma_y) and shift beta_y for the class y of each image: the label steers every
+    feature map of the layer. gamma and beta start at 0 (plain BatchNorm) and act linearly on the one-hot label,
+    so a blend of labels (ui.py) blends them. VAE.decode() hands the labels over in `labels` before each pass."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.gamma = nn.Parameter(torch.zeros(num_classes, channels))
+        self.beta = nn.Parameter(torch.zeros(num_classes, channels))
+        self.labels = None
+
+    def forward(self, x):
+        if self.labels is None:
+            raise RuntimeError("ClassBatchNorm needs its labels: decode through VAE.decode(z, y)")
+        x = self.bn(x)
+        gamma, beta = (self.labels.to(x.dtype) @ p.to(x.dtype) for p in (self.gamma, self.beta))
+        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
 @contextlib.contextmanager
 def fixed_noise(seed):
     """Decoder noise (model.noise) comes from torch's global generator: seed it here and put it back after, so
@@ -1171,12 +1197,14 @@ class VAE(nn.Module):
     (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or bilinear doublings, each followed by a 3x3
     conv); with final_conv the last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them
     into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
-    to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise."""
+    to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise; with
+    class_norm (a CVAE) the BatchNorm after each such doubling has a scale and shift per class."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
-                 res_blocks=0, noise=False):
+                 res_blocks=0, noise=False, class_norm=False):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
+        assert num_classes or not class_norm, "class_norm needs a conditional model"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
         self.grid = image_size // 16
         flat = 512 * self.grid * self.grid
@@ -1191,7 +1219,8 @@ class VAE(nn.Module):
             return [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
 
         def up(cin, cout, blocks=0):
-            return [*double(cin, cout), *([NoiseInjection(cout)] if noise else []), nn.BatchNorm2d(cout),
+            norm = ClassBatchNorm(cout, num_classes) if class_norm else nn.BatchNorm2d(cout)
+            return [*double(cin, cout), *([NoiseInjection(cout)] if noise else []), norm,
                     nn.ReLU(inplace=True)] + [ResBlock(cout) for _ in range(blocks)]
 
         self.encoder = nn.Sequential(*down(3 + num_classes, 64, bn=False), *down(64, 128), *down(128, 256),
@@ -1219,10 +1248,18 @@ class VAE(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z, y=None):
+        class_norms = [m for m in self.decoder if isinstance(m, ClassBatchNorm)]
         if self.num_classes:
-            z = torch.cat([z, self.one_hot(y).to(z.dtype)], dim=1)
+            c = self.one_hot(y).to(z.dtype)
+            z = torch.cat([z, c], dim=1)
+            for m in class_norms:
+                m.labels = c
         h = self.fc_decode(z).view(-1, 512, self.grid, self.grid)
-        return self.decoder(h)
+        try:
+            return self.decoder(h)
+        finally:
+            for m in class_norms:
+                m.labels = None
 
     def forward(self, x, y=None, prior_samples=False):
         """(x_hat, mu, logvar); with prior_samples also x_prior, as many images decoded from z ~ N(0, I) with
@@ -1276,7 +1313,7 @@ def reparameterize(mu, logvar):
 def build_model(cfg, num_classes):
     m = cfg["model"]
     return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"],
-               m["final_conv"], m["res_blocks"], m["noise"])
+               m["final_conv"], m["res_blocks"], m["noise"], m["class_norm"] and m["conditional"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule

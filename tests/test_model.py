@@ -133,6 +133,28 @@ def test_conditional_model_takes_labels_at_both_ends():
     assert samples.shape == (3, 3, 32, 32)
 
 
+@pytest.mark.parametrize("final_conv, doublings", [(False, 3), (True, 4)])
+def test_class_norm_lets_the_label_steer_each_doubling_to_feature_maps(final_conv, doublings):
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=8, num_classes=2, final_conv=final_conv, class_norm=True).eval()
+    norms = [m for m in model.decoder if isinstance(m, run_vae.ClassBatchNorm)]
+    assert len(norms) == doublings
+    with torch.no_grad():
+        model.fc_decode.weight[:, 8:] = 0  # close the label's way in through the first layer
+    z, y0, y1 = torch.randn(3, 8), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    assert torch.allclose(model.decode(z, y0), model.decode(z, y1))  # scale and shift start at 0: plain BatchNorm
+    with torch.no_grad():
+        for norm in norms:
+            norm.gamma.normal_(0, 0.5)
+            norm.beta.normal_(0, 0.5)
+    assert not torch.allclose(model.decode(z, y0), model.decode(z, y1), atol=1e-3)
+    blend = model.decode(z, torch.full((3, 2), 0.5))  # the gallery's class blends
+    assert blend.shape == (3, 3, 16, 16) and torch.isfinite(blend).all()
+    assert all(norm.labels is None for norm in norms)  # labels live for one decoder pass only
+    with pytest.raises(RuntimeError, match="labels"):
+        model.decoder(torch.randn(1, 512, 1, 1))
+
+
 def test_reconstruct_decodes_the_posterior_mean_without_noise():
     torch.manual_seed(0)
     model = VAE(16, latent_dim=8, num_classes=2).eval()

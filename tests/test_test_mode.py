@@ -141,3 +141,24 @@ def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
     (tmp_path / "t.yaml").write_text(f"run:\n  mode: test\ntest:\n  checkpoint: {tmp_path}/missing.pt\n")
     assert run_vae.main(["--config", str(tmp_path / "t.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_class_norm_run_learns_its_per_class_scales_samples_from_best_pt_and_resumes_only_with_them(
+        tmp_path, image_folder):
+    model = {"conditional": True, "class_norm": True}
+    summary = train(tiny_config(tmp_path, image_folder, train={"epochs": 2}, model=model))
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    gammas = [v for k, v in ckpt["model"].items() if k.endswith(".gamma")]
+    assert len(gammas) == 3 and all(g.abs().sum() > 0 for g in gammas)  # the label's scales were trained
+    loaded = run_vae.model_from_checkpoint(ckpt)
+    images, per_class, classes = run_vae.sample_grid(loaded, ckpt["classes"], 2, 0)
+    assert images.shape[0] == 2 * len(ckpt["classes"]) and torch.isfinite(images).all()
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2}, model=model)
+    metrics = run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": summary["best_checkpoint"],
+                                            "out_dir": str(tmp_path / "test")}})
+    assert metrics["epoch"] == ckpt["epoch"] and (tmp_path / "test/samples.png").is_file()
+    last = (tmp_path / "logs/tiny/last.pt").read_bytes()
+    without = tiny_config(tmp_path, image_folder, train={"epochs": 3}, model={"conditional": True})
+    with pytest.raises(run_vae.ConfigError, match="model.class_norm=True"):
+        train(without, resume=True)
+    assert (tmp_path / "logs/tiny/last.pt").read_bytes() == last

@@ -79,7 +79,7 @@ def test_training_is_reproducible_from_the_seed(tmp_path, image_folder):
 
 
 @pytest.mark.parametrize("extras", [{}, {"train": {"ema": 0.9, "lr_schedule": "cosine", "beta_cycle": 2},
-                                         "data": {"hflip": True}, "model": {"conditional": True, "noise": True}}])
+                                         "data": {"hflip": True}, "model": {"conditional": True, "noise": True, "class_norm": True}}])
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, image_folder, extras):
     others = {k: v for k, v in extras.items() if k != "train"}
     train_keys = {"epochs": 3, **extras.get("train", {})}
