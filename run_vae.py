@@ -2110,8 +2110,9 @@ class FIDScorer:
         return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
     @torch.no_grad()
-    def generate(self, model, n, seed):
-        """n uint8 prior samples and, for a CVAE, the class each was drawn for (else None)."""
+    def generate(self, model, n, seed, temperature=1.0):
+        """n uint8 prior samples and, for a CVAE, the class each was drawn for (else None); `temperature`
+        scales the prior's spread, as in test mode and the gallery."""
         model.eval()
         g = torch.Generator().manual_seed(seed)  # the same z every evaluation: epochs compare like with like
         labels = self.class_labels(n) if model.num_classes else None
@@ -2119,13 +2120,14 @@ class FIDScorer:
         with fixed_noise(seed):
             for i in range(0, n, self.batch_size):
                 y = labels[i:i + self.batch_size] if labels is not None else None
-                images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, generator=g)).cpu())
+                images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, temperature, g)).cpu())
         return torch.cat(images), labels
 
-    def score(self, model, with_kid=False):
+    def score(self, model, with_kid=False, temperature=1.0):
         self.timings = collections.defaultdict(float)
         with timed(self, "generate"):
-            images, labels = self.generate(model, self.cfg["fid"]["num_samples"], self.cfg["run"]["seed"])
+            images, labels = self.generate(model, self.cfg["fid"]["num_samples"], self.cfg["run"]["seed"],
+                                           temperature)
         return self.score_images(images, labels, with_kid)
 
     def score_images(self, images, labels=None, with_kid=False):

@@ -15,6 +15,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt    # score a finished run, no training
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
     python bench/quality.py --standard-prior                 # + the same noise through N(0, I), not the fitted prior
+    python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down
 
 A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
 and --num-real change single parts of it. Data folders default to ../shared/data/<name> beside the repo.
@@ -62,12 +63,13 @@ COLUMNS = [("fid", "FID", 8, ".2f"), ("fd_eff", "FD_eff", 8, ".2f"), ("kid", "KI
            ("coverage", "cover", 6, ".3f"), ("class_acc_real", "cls real", 8, ".3f"),
            ("class_acc_gen", "cls gen", 7, ".3f"), ("num_generated", "N gen", 6, "d"), ("num_real", "N real", 6, "d"),
            ("epochs", "epochs", 6, "d"), ("train_s", "train s", 8, ".1f"), ("score_s", "score s", 7, ".1f")]
+TEMPERED = ("fid", "fd_eff", "precision", "recall", "class_acc_gen")  # what --temperatures reports
 SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "coverage", "pr_num",
           "class_acc_real", "class_acc_gen")
 
 
 def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
-            recon=False, standard_prior=False):
+            recon=False, standard_prior=False, temperatures=()):
     # the published rows were scored with Inception in fp32: a protocol stays there unless overridden
     overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false", "fid.precision=fp32",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
@@ -108,6 +110,8 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
         row.update({f"standard_prior_{k}": standard[k] for k in ("fid", "fd_eff", "precision", "recall")
                     if k in standard})
         model.set_prior(*fitted)
+    for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics
+        row[f"temperature_{t:g}"] = {k: v for k, v in scorer.score(model, temperature=t).items() if k in TEMPERED}
     out = Path(checkpoint).with_name("samples.png")
     images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(out)
@@ -136,6 +140,9 @@ def format_table(rows):
                   [("recon_fid", "reconstructions: FID"), ("standard_prior_fid", "N(0, I) prior: FID"),
                    ("standard_prior_fd_eff", "FD_eff")] if key in r]
         lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
+        for key in (k for k in r if k.startswith("temperature_")):
+            scores = ", ".join(f"{name} {r[key][name]:.3f}" for name in TEMPERED if name in r[key])
+            lines.append(f"{'':<10} at temperature {key.split('_', 1)[1]}: {scores}")
     return "\n".join(lines)
 
 
@@ -148,6 +155,17 @@ def resolve_data(protocol, data):
         sys.exit(f"data folder {root} does not exist. Build it with prepare_data.py (README 'Data'), point "
                  f"--data at it, or use --protocol demo (generated, no download).")
     return str(root)
+
+
+def parse_temperatures(text):
+    """--temperatures as floats, each greater than 0 (0 would decode the class means alone, N times)."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sys.exit(f"--temperatures takes numbers separated by commas, e.g. 0.7,0.5 (got {text!r})")
+    if any(t <= 0 for t in values):
+        sys.exit(f"--temperatures must all be greater than 0 (got {text!r})")
+    return values
 
 
 def run_stamp():
@@ -171,6 +189,8 @@ def main():
                    help="also score reconstructions of --num-samples training images (the decoder without the prior)")
     p.add_argument("--standard-prior", action="store_true",
                    help="also score samples from N(0, I) instead of the model's fitted prior")
+    p.add_argument("--temperatures", default="",
+                   help="comma-separated: also score the same noise with the prior's spread scaled by each")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
@@ -178,6 +198,7 @@ def main():
                 **{k: v for k, v in [("config", args.config), ("epochs", args.epochs),
                                      ("num_samples", args.num_samples), ("num_real", args.num_real)] if v is not None}}
     data_root = resolve_data(args.protocol, args.data)
+    temperatures = parse_temperatures(args.temperatures)
     stamp = run_stamp()
     rows = []
     for variant in args.variants.split(","):
@@ -185,7 +206,7 @@ def main():
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         rows.append(measure(str(protocol["config"]), data_root, VARIANTS[variant] + args.overrides,
                             protocol["epochs"], protocol["num_samples"], protocol["num_real"], f"{variant}-{stamp}",
-                            args.out, args.checkpoint, args.recon, args.standard_prior))
+                            args.out, args.checkpoint, args.recon, args.standard_prior, temperatures))
         rows[-1].update(variant=variant, protocol=args.protocol)
     print(f"\nprotocol: {args.protocol}   data: {data_root}   config: {protocol['config']}   "
           f"overrides: {' '.join(args.overrides) or '-'}")

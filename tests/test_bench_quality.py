@@ -61,6 +61,16 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     # reconstructions: a separate score of the same weights, as reproducible as the sample FID
     assert row["recon_fid"] > 0 and row["recon_fid"] != pytest.approx(row["fid"], rel=1e-3)
     assert again["recon_fid"] == pytest.approx(row["recon_fid"], rel=1e-6)
+    # the same noise at other temperatures: 1 reproduces the main score, a narrower prior gives other samples
+    tempered = quality.measure(str(config), str(images), [], epochs=99, num_samples=12, num_real=10, name="t",
+                               out_dir=str(out), checkpoint=str(out / "q" / "last.pt"), temperatures=[1.0, 0.25])
+    assert tempered["temperature_1"]["fid"] == pytest.approx(row["fid"], rel=1e-6)
+    assert tempered["temperature_1"]["class_acc_gen"] == pytest.approx(row["class_acc_gen"], rel=1e-6)
+    assert set(tempered["temperature_0.25"]) == set(quality.TEMPERED)
+    assert tempered["temperature_0.25"]["fid"] != pytest.approx(row["fid"], rel=1e-6)
+    lines = quality.format_table([tempered]).splitlines()
+    assert lines[2].split()[:3] == ["at", "temperature", "1:"] and lines[3].split()[:3] == ["at", "temperature", "0.25:"]
+    assert f"fid {tempered['temperature_0.25']['fid']:.3f}" in lines[3]
     assert "recon_fid" not in quality.measure(str(config), str(images), [], epochs=1, num_samples=12,
                                               num_real=10, name="q1", out_dir=str(out))
 
@@ -73,6 +83,14 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
         quality.resolve_data("apples", str(tmp_path / "nowhere"))
     images = make_image_folder(tmp_path / "images", per_class=2)
     assert quality.resolve_data("impressionism", str(images)) == str(images)
+
+
+def test_temperatures_parse_and_a_wrong_one_says_what_to_give():
+    assert quality.parse_temperatures("") == [] and quality.parse_temperatures("0.7, 0.5") == [0.7, 0.5]
+    for text, says in [("0.7,x", "numbers separated by commas"), ("0.5,0", "greater than 0")]:
+        with pytest.raises(SystemExit) as e:
+            quality.parse_temperatures(text)
+        assert says in str(e.value)
 
 
 def test_two_benches_started_in_the_same_second_get_different_run_names(monkeypatch):
