@@ -340,6 +340,12 @@ CHOICES = {
 }
 
 
+def in_range(v, low, high, low_allowed):
+    """Whether v lies in a RANGES entry's range; NaN and infinities never do."""
+    inside = (v >= low if low_allowed else v > low) and (high is None or v < high)
+    return inside and not (isinstance(v, float) and not math.isfinite(v))
+
+
 def describe_range(low, high, low_allowed):
     if high is None:
         return f"{'at least' if low_allowed else 'greater than'} {low}"
@@ -356,8 +362,7 @@ def check_config(cfg):
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value(key)!r}")
     for key, (low, high, low_allowed) in RANGES.items():
         v = value(key)
-        inside = (v >= low if low_allowed else v > low) and (high is None or v < high)
-        if not inside or (isinstance(v, float) and not math.isfinite(v)):
+        if not in_range(v, low, high, low_allowed):
             raise ConfigError(f"{key} must be {describe_range(low, high, low_allowed)}, got {v}")
     if cfg["data"]["image_size"] % 16:
         raise ConfigError(f"data.image_size must be a multiple of 16 (64, 128, ...), got {cfg['data']['image_size']}")
@@ -1150,20 +1155,19 @@ class NoiseInjection(nn.Module):
 class ClassBatchNorm(nn.Module):
     """BatchNorm, then a scale (1 + gamma_y) and shift beta_y for the class y of each image: the label steers every
     feature map of the layer. gamma and beta start at 0 (plain BatchNorm) and act linearly on the one-hot label,
-    so a blend of labels (ui.py) blends them. VAE.decode() hands the labels over in `labels` before each pass."""
+    so a blend of labels (ui.py) blends them. The labels come with each call, not as state on the layer, so
+    threads that share one model (the gallery's sessions) cannot see each other's."""
 
     def __init__(self, channels, num_classes):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels)
         self.gamma = nn.Parameter(torch.zeros(num_classes, channels))
         self.beta = nn.Parameter(torch.zeros(num_classes, channels))
-        self.labels = None
 
-    def forward(self, x):
-        if self.labels is None:
-            raise RuntimeError("ClassBatchNorm needs its labels: decode through VAE.decode(z, y)")
+    def forward(self, x, labels):
+        """x: feature maps; labels: one-hot (or blended) rows, one per image."""
         x = self.bn(x)
-        gamma, beta = (self.labels.to(x.dtype) @ p.to(x.dtype) for p in (self.gamma, self.beta))
+        gamma, beta = (labels.to(x.dtype) @ p.to(x.dtype) for p in (self.gamma, self.beta))
         return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
 
 
@@ -1248,18 +1252,14 @@ class VAE(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z, y=None):
-        class_norms = [m for m in self.decoder if isinstance(m, ClassBatchNorm)]
+        c = None
         if self.num_classes:
             c = self.one_hot(y).to(z.dtype)
             z = torch.cat([z, c], dim=1)
-            for m in class_norms:
-                m.labels = c
         h = self.fc_decode(z).view(-1, 512, self.grid, self.grid)
-        try:
-            return self.decoder(h)
-        finally:
-            for m in class_norms:
-                m.labels = None
+        for layer in self.decoder:  # a Sequential that hands the labels to the layers that take them
+            h = layer(h, c) if isinstance(layer, ClassBatchNorm) else layer(h)
+        return h
 
     def forward(self, x, y=None, prior_samples=False):
         """(x_hat, mu, logvar); with prior_samples also x_prior, as many images decoded from z ~ N(0, I) with
@@ -1312,8 +1312,12 @@ def reparameterize(mu, logvar):
 
 def build_model(cfg, num_classes):
     m = cfg["model"]
-    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes if m["conditional"] else 0, m["upsample"],
-               m["final_conv"], m["res_blocks"], m["noise"], m["class_norm"] and m["conditional"])
+    num_classes = num_classes if m["conditional"] else 0
+    if m["class_norm"] and not num_classes:
+        raise ConfigError("model.class_norm needs class labels: set model.conditional=true and train on a folder "
+                          "with one subfolder per class, or set model.class_norm=false")
+    return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes, m["upsample"], m["final_conv"],
+               m["res_blocks"], m["noise"], m["class_norm"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule

@@ -158,13 +158,14 @@ def resolve_data(protocol, data):
 
 
 def parse_temperatures(text):
-    """--temperatures as floats, each greater than 0 (0 would decode the class means alone, N times)."""
+    """--temperatures as floats, each in test.temperature's range (0 would decode the class means alone, N times)."""
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         sys.exit(f"--temperatures takes numbers separated by commas, e.g. 0.7,0.5 (got {text!r})")
-    if any(t <= 0 for t in values):
-        sys.exit(f"--temperatures must all be greater than 0 (got {text!r})")
+    low, high, low_allowed = run_vae.RANGES["test.temperature"]
+    if not all(run_vae.in_range(t, low, high, low_allowed) for t in values):
+        sys.exit(f"--temperatures must each be {run_vae.describe_range(low, high, low_allowed)} (got {text!r})")
     return values
 
 

@@ -87,7 +87,8 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
 
 def test_temperatures_parse_and_a_wrong_one_says_what_to_give():
     assert quality.parse_temperatures("") == [] and quality.parse_temperatures("0.7, 0.5") == [0.7, 0.5]
-    for text, says in [("0.7,x", "numbers separated by commas"), ("0.5,0", "greater than 0")]:
+    for text, says in [("0.7,x", "numbers separated by commas"), ("0.5,0", "greater than 0"),
+                       ("nan", "greater than 0"), ("0.5,inf", "greater than 0")]:
         with pytest.raises(SystemExit) as e:
             quality.parse_temperatures(text)
         assert says in str(e.value)

@@ -282,11 +282,12 @@ def test_a_2_process_checkpoint_loads_in_one_process_and_the_reverse(group, tmp_
     assert solo["epoch"] == 2 and len(solo["rank_rng"]) == 2
 
 
-def test_synced_batch_norm_keeps_the_checkpoint_keys_and_is_plain_batch_norm_in_one_process():
-    plain = run_vae.VAE(16, 8, 3)
+@pytest.mark.parametrize("class_norm", [False, True])  # with it, the BatchNorms of the decoder sit inside ClassBatchNorm
+def test_synced_batch_norm_keeps_the_checkpoint_keys_and_is_plain_batch_norm_in_one_process(class_norm):
+    plain = run_vae.VAE(16, 8, 3, class_norm=class_norm)
     keys = list(plain.state_dict())
-    gpu = run_vae.with_synced_batch_norm(run_vae.VAE(16, 8, 3), torch.device("cuda"))  # conversion needs no GPU
-    cpu = run_vae.with_synced_batch_norm(run_vae.VAE(16, 8, 3), torch.device("cpu"))
+    gpu = run_vae.with_synced_batch_norm(run_vae.VAE(16, 8, 3, class_norm=class_norm), torch.device("cuda"))
+    cpu = run_vae.with_synced_batch_norm(run_vae.VAE(16, 8, 3, class_norm=class_norm), torch.device("cpu"))
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in gpu.modules()) == 6
     assert sum(isinstance(m, run_vae.GlobalBatchNorm2d) for m in cpu.modules()) == 6
     assert list(gpu.state_dict()) == keys == list(cpu.state_dict())
@@ -294,6 +295,8 @@ def test_synced_batch_norm_keeps_the_checkpoint_keys_and_is_plain_batch_norm_in_
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     plain.train(), cpu.train()
     assert torch.equal(plain.encode(x, y)[0], cpu.encode(x, y)[0])  # no process group: BatchNorm2d itself
+    z = torch.randn(4, 8)
+    assert torch.equal(plain.decode(z, y), cpu.decode(z, y))
 
 
 def test_each_process_of_a_group_takes_the_gpu_of_its_local_rank(monkeypatch):

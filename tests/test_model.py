@@ -143,16 +143,55 @@ def test_class_norm_lets_the_label_steer_each_doubling_to_feature_maps(final_con
         model.fc_decode.weight[:, 8:] = 0  # close the label's way in through the first layer
     z, y0, y1 = torch.randn(3, 8), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
     assert torch.allclose(model.decode(z, y0), model.decode(z, y1))  # scale and shift start at 0: plain BatchNorm
+    for norm in norms:  # each layer's own scale and shift reach the image, with the others at 0
+        with torch.no_grad():
+            norm.gamma.normal_(0, 0.5)
+            norm.beta.normal_(0, 0.5)
+        assert not torch.allclose(model.decode(z, y0), model.decode(z, y1), atol=1e-4)
+        with torch.no_grad():
+            norm.gamma.zero_()
+            norm.beta.zero_()
     with torch.no_grad():
         for norm in norms:
             norm.gamma.normal_(0, 0.5)
             norm.beta.normal_(0, 0.5)
-    assert not torch.allclose(model.decode(z, y0), model.decode(z, y1), atol=1e-3)
     blend = model.decode(z, torch.full((3, 2), 0.5))  # the gallery's class blends
     assert blend.shape == (3, 3, 16, 16) and torch.isfinite(blend).all()
-    assert all(norm.labels is None for norm in norms)  # labels live for one decoder pass only
-    with pytest.raises(RuntimeError, match="labels"):
-        model.decoder(torch.randn(1, 512, 1, 1))
+
+
+def test_class_norm_decodes_stay_apart_when_one_starts_inside_another():
+    """The gallery's sessions share one model across threads: a decode that starts while another is half
+    way through (here from a hook on the first one's second ClassBatchNorm) must not change either."""
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=8, num_classes=2, class_norm=True).eval()
+    norms = [m for m in model.decoder if isinstance(m, run_vae.ClassBatchNorm)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.gamma.normal_(0, 0.5)
+            norm.beta.normal_(0, 0.5)
+    z, y0, y1 = torch.randn(3, 8), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    with torch.no_grad():
+        alone0, alone1 = model.decode(z, y0), model.decode(z[:2], y1[:2])
+        inner = []
+
+        def decode_another(*_):
+            if not inner:  # once: the hook fires inside the inner decode too
+                inner.append(None)
+                inner[0] = model.decode(z[:2], y1[:2])
+
+        hook = norms[1].register_forward_hook(decode_another)
+        try:
+            outer = model.decode(z, y0)
+        finally:
+            hook.remove()
+    assert torch.equal(outer, alone0) and torch.equal(inner[0], alone1)
+
+
+def test_a_class_norm_config_without_classes_says_what_to_set():
+    cfg = run_vae.load_config(None, ["model.conditional=true", "model.class_norm=true", "data.image_size=16"])
+    assert any(isinstance(m, run_vae.ClassBatchNorm) for m in run_vae.build_model(cfg, 3).decoder)
+    with pytest.raises(run_vae.ConfigError, match="class_norm needs class labels"):
+        run_vae.build_model(cfg, 0)
 
 
 def test_reconstruct_decodes_the_posterior_mean_without_noise():
