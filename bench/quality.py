@@ -15,7 +15,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt    # score a finished run, no training
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
     python bench/quality.py --standard-prior                 # + the same noise through N(0, I), not the fitted prior
-    python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down
+    python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down, samples_t0.7.png, ...
 
 A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
 and --num-real change single parts of it. Data folders default to ../shared/data/<name> beside the repo.
@@ -110,13 +110,19 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
         row.update({f"standard_prior_{k}": standard[k] for k in ("fid", "fd_eff", "precision", "recall")
                     if k in standard})
         model.set_prior(*fitted)
+    row["samples"] = save_samples(model, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name("samples.png"))
     for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics
         row[f"temperature_{t:g}"] = {k: v for k, v in scorer.score(model, temperature=t).items() if k in TEMPERED}
-    out = Path(checkpoint).with_name("samples.png")
-    images, nrow, labels = run_vae.sample_grid(model, data.classes, 8, cfg["run"]["seed"])
-    run_vae.make_grid_image(images, nrow, labels).save(out)
-    row["samples"] = str(out)
+        row[f"samples_t{t:g}"] = save_samples(model, data.classes, cfg["run"]["seed"],
+                                              Path(checkpoint).with_name(f"samples_t{t:g}.png"), t)
     return row
+
+
+def save_samples(model, classes, seed, path, temperature=1.0):
+    """The 8-per-class grid of seeded prior samples (the same noise at every temperature) as a PNG; its path."""
+    images, nrow, labels = run_vae.sample_grid(model, classes, 8, seed, temperature)
+    run_vae.make_grid_image(images, nrow, labels).save(path)
+    return str(path)
 
 
 @torch.no_grad()

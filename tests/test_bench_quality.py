@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 import yaml
 
 from conftest import ROOT, make_image_folder
@@ -71,6 +72,10 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     lines = quality.format_table([tempered]).splitlines()
     assert lines[2].split()[:3] == ["at", "temperature", "1:"] and lines[3].split()[:3] == ["at", "temperature", "0.25:"]
     assert f"fid {tempered['temperature_0.25']['fid']:.3f}" in lines[3]
+    # a grid per temperature beside samples.png: the same picture at 1, another at 0.25
+    grid = Image.open(tempered["samples"]).tobytes()
+    assert Image.open(tempered["samples_t1"]).tobytes() == grid
+    assert Image.open(tempered["samples_t0.25"]).tobytes() != grid
     assert "recon_fid" not in quality.measure(str(config), str(images), [], epochs=1, num_samples=12,
                                               num_real=10, name="q1", out_dir=str(out))
 
