@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 import yaml
+from PIL import Image
 
 from conftest import ROOT, make_image_folder
 
