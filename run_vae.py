@@ -91,6 +91,10 @@ DEFAULTS = {
         "class_norm": False,      # with conditional, each BatchNorm after a decoder doubling gets a per-class scale
                                   # and shift (conditional BatchNorm): the label reaches every resolution, where
                                   # otherwise it enters only the first linear layer with z (and can be ignored)
+        "encoder_label": True,    # with conditional, the encoder sees the label too (the textbook CVAE): z then need
+                                  # not carry the class, and the per-class fitted priors nearly coincide. false: the
+                                  # encoder sees only the image, z carries the class as well, and each class's
+                                  # fitted Gaussian sits where that class's images were encoded
     },
     "train": {
         "epochs": 20,
@@ -1202,14 +1206,16 @@ class VAE(nn.Module):
     conv); with final_conv the last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them
     into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
     to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise; with
-    class_norm (a CVAE) the BatchNorm after each such doubling has a scale and shift per class."""
+    class_norm (a CVAE) the BatchNorm after each such doubling has a scale and shift per class. A CVAE's encoder
+    sees the label as extra input planes unless encoder_label is off."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
-                 res_blocks=0, noise=False, class_norm=False):
+                 res_blocks=0, noise=False, class_norm=False, encoder_label=True):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         assert num_classes or not class_norm, "class_norm needs a conditional model"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
+        self.encoder_label = bool(num_classes) and encoder_label
         self.grid = image_size // 16
         flat = 512 * self.grid * self.grid
 
@@ -1227,7 +1233,8 @@ class VAE(nn.Module):
             return [*double(cin, cout), *([NoiseInjection(cout)] if noise else []), norm,
                     nn.ReLU(inplace=True)] + [ResBlock(cout) for _ in range(blocks)]
 
-        self.encoder = nn.Sequential(*down(3 + num_classes, 64, bn=False), *down(64, 128), *down(128, 256),
+        label_planes = num_classes if self.encoder_label else 0
+        self.encoder = nn.Sequential(*down(3 + label_planes, 64, bn=False), *down(64, 128), *down(128, 256),
                                      *down(256, 512), nn.Flatten())
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
@@ -1245,7 +1252,7 @@ class VAE(nn.Module):
         return y.float() if y.is_floating_point() else F.one_hot(y, self.num_classes).float()
 
     def encode(self, x, y=None):
-        if self.num_classes:
+        if self.encoder_label:
             c = self.one_hot(y).to(x.dtype)[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
             x = torch.cat([x, c], dim=1)
         h = self.encoder(x)
@@ -1317,7 +1324,7 @@ def build_model(cfg, num_classes):
         raise ConfigError("model.class_norm needs class labels: set model.conditional=true and train on a folder "
                           "with one subfolder per class, or set model.class_norm=false")
     return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes, m["upsample"], m["final_conv"],
-               m["res_blocks"], m["noise"], m["class_norm"])
+               m["res_blocks"], m["noise"], m["class_norm"], m["encoder_label"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule

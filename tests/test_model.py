@@ -187,6 +187,21 @@ def test_class_norm_decodes_stay_apart_when_one_starts_inside_another():
     assert torch.equal(outer, alone0) and torch.equal(inner[0], alone1)
 
 
+def test_without_encoder_label_the_code_depends_on_the_image_alone_and_the_label_still_steers_the_decoder():
+    torch.manual_seed(0)
+    x, y0, y1 = torch.rand(3, 3, 16, 16), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    textbook = VAE(16, latent_dim=8, num_classes=2).eval()
+    assert textbook.encoder[0].in_channels == 5
+    assert not torch.allclose(textbook.encode(x, y0)[0], textbook.encode(x, y1)[0])
+    image_only = VAE(16, latent_dim=8, num_classes=2, encoder_label=False).eval()
+    assert image_only.encoder[0].in_channels == 3
+    assert torch.equal(image_only.encode(x, y0)[0], image_only.encode(x, y1)[0])
+    z = torch.randn(3, 8)
+    assert not torch.allclose(image_only.decode(z, y0), image_only.decode(z, y1))
+    cfg = run_vae.load_config(None, ["model.conditional=true", "model.encoder_label=false", "data.image_size=16"])
+    assert run_vae.build_model(cfg, 2).encoder[0].in_channels == 3
+
+
 def test_a_class_norm_config_without_classes_says_what_to_set():
     cfg = run_vae.load_config(None, ["model.conditional=true", "model.class_norm=true", "data.image_size=16"])
     assert any(isinstance(m, run_vae.ClassBatchNorm) for m in run_vae.build_model(cfg, 3).decoder)

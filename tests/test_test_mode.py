@@ -162,3 +162,28 @@ def test_a_class_norm_run_learns_its_per_class_scales_samples_from_best_pt_and_r
     with pytest.raises(run_vae.ConfigError, match="model.class_norm=True"):
         train(without, resume=True)
     assert (tmp_path / "logs/tiny/last.pt").read_bytes() == last
+
+
+def test_an_image_only_encoder_run_fits_class_priors_from_its_codes_and_older_checkpoints_keep_the_label(
+        tmp_path, image_folder):
+    summary = train(tiny_config(tmp_path, image_folder, train={"epochs": 2},
+                                model={"conditional": True, "encoder_label": False}))
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    model = run_vae.model_from_checkpoint(ckpt)
+    assert model.encoder[0].in_channels == 3
+    # each class's fitted mean is the mean code of that class's training images, whatever label is given
+    images, train_idx, _ = run_vae.load_data(run_vae.merge_config(run_vae.DEFAULTS, ckpt["config"], "test"))
+    data = images.subset(train_idx)
+    with torch.no_grad():
+        codes = model.encode(run_vae.to_float(data.images), torch.zeros(len(data), dtype=torch.long))[0]
+    for c in range(len(ckpt["classes"])):
+        assert torch.allclose(model.prior_mean[c], codes[data.labels == c].mean(0), atol=1e-4)
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True, "encoder_label": False})
+    metrics = run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": summary["best_checkpoint"],
+                                            "out_dir": str(tmp_path / "test")}})
+    assert metrics["epoch"] == ckpt["epoch"] and (tmp_path / "test/samples.png").is_file()
+    # a checkpoint written before the setting existed rebuilds the textbook CVAE it was
+    textbook = train(tiny_config(tmp_path / "old", image_folder, train={"epochs": 1}, model={"conditional": True}))
+    old = load_checkpoint(textbook["best_checkpoint"])
+    del old["config"]["model"]["encoder_label"]
+    assert run_vae.model_from_checkpoint(old).encoder[0].in_channels == 3 + len(old["classes"])
