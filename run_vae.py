@@ -93,8 +93,9 @@ DEFAULTS = {
                                   # otherwise it enters only the first linear layer with z (and can be ignored)
         "encoder_label": True,    # with conditional, the encoder sees the label too (the textbook CVAE): z then need
                                   # not carry the class, and the per-class fitted priors nearly coincide. false: the
-                                  # encoder sees only the image, z carries the class as well, and each class's
-                                  # fitted Gaussian sits where that class's images were encoded
+                                  # encoder sees only the image, so z may carry the class and each class's fitted
+                                  # Gaussian sits where its images were encoded (on the paintings the genres' means
+                                  # still stay close, docs/results.md "Sharp samples")
     },
     "train": {
         "epochs": 20,
