@@ -147,6 +147,11 @@ DEFAULTS = {
         "disc_conditional": False,# with model.conditional, the discriminator is told the label (a projection
                                   # discriminator, Miyato & Koyama 2018): a fake must look like its class, not
                                   # merely like some real image
+        "disc_classify": 0.0,     # weight of an auxiliary classifier on the discriminator (AC-GAN, Odena et al. 2017),
+                                  # 0 = off; needs model.conditional and loss.adversarial. Its head learns the class
+                                  # of real images only, and the decoder learns to draw prior samples the head files
+                                  # under their label, so the label must change what is drawn. Our own network,
+                                  # trained from scratch: not an evaluator's. One more decoder pass per step
         "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
                                   # (SoftIntro below); not combined with the perceptual or adversarial term.
                                   # 4.3x the plain step's FLOPs
@@ -323,6 +328,7 @@ RANGES = {
     "loss.perceptual_jitter": (0, None, True),
     "loss.adv_start": (0.0, None, True),
     "loss.adv_weight_max": (0.0, None, False),
+    "loss.disc_classify": (0.0, None, True),
     "loss.disc_lr": (0.0, None, False),
     "loss.disc_channels": (4, 513, True),
     "loss.r1": (0.0, None, True),
@@ -384,6 +390,10 @@ def check_config(cfg):
     if loss["disc_conditional"] and not cfg["model"]["conditional"]:
         raise ConfigError("loss.disc_conditional tells the discriminator each image's label, which only a "
                           "conditional model has: set model.conditional=true, or loss.disc_conditional=false")
+    if loss["disc_classify"] > 0 and not (cfg["model"]["conditional"] and loss["adversarial"] > 0):
+        raise ConfigError("loss.disc_classify puts a class head on the discriminator, so it needs classes and a "
+                          "discriminator: set model.conditional=true and loss.adversarial > 0, or "
+                          "loss.disc_classify=0")
     if cfg["fid"]["enabled"] and cfg["fid"]["select"] == "fd_eff" and not cfg["fid"]["efficientnet"]:
         raise ConfigError("fid.select=fd_eff needs fid.efficientnet=true (FD_eff is measured in its features)")
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
@@ -1540,9 +1550,10 @@ class PatchDiscriminator(nn.Module):
     patch. Spectral norm on every conv bounds its Lipschitz constant, so no normalisation layers. The
     number of stride-2 convs follows the image size (16 px: 1, 32 px: 2, 64 px and up: 3), so each logit
     sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond. With antialias each
-    stride-2 conv becomes a 3x3 conv at full resolution, LeakyReLU, then BlurPool (patches of 45 px)."""
+    stride-2 conv becomes a 3x3 conv at full resolution, LeakyReLU, then BlurPool (patches of 45 px).
+    With class_head, a linear head on the mean of the last features names each image's class (AC-GAN)."""
 
-    def __init__(self, image_size, channels=64, antialias=False, num_classes=0):
+    def __init__(self, image_size, channels=64, antialias=False, num_classes=0, class_head=0):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
         layers, cin = [], 3
@@ -1556,6 +1567,13 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers, sn(nn.Conv2d(cin, 1, 3, 1, 1)))
         # projection: each patch's logit gains <embedding of the label, the patch's last features>
         self.class_embedding = sn(nn.Embedding(num_classes, cin)) if num_classes else None
+        self.class_head = sn(nn.Linear(cin, class_head)) if class_head else None
+
+    def class_logits(self, x):
+        """One logit per class for [0,1] images x, from the trunk the patch logits share."""
+        if self.class_head is None:
+            raise ValueError("this discriminator has no class head (loss.disc_classify=0)")
+        return self.class_head(self.net[:-1](2 * x - 1).mean((2, 3)))
 
     def forward(self, x, y=None):
         """One logit per patch for [0,1] images x; with classes, y (indices) is the label each image claims."""
@@ -1684,14 +1702,15 @@ class SharpTerms:
         self.disc = self.disc_opt = None
         if self.adversarial_weight > 0:
             classes = num_classes if loss["disc_conditional"] else 0
+            head = num_classes if loss["disc_classify"] > 0 else 0
             self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"],
-                                           loss["disc_antialias"], classes).to(device)
+                                           loss["disc_antialias"], classes, head).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
             self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.jitter = loss["perceptual_jitter"]
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
-        self.prior = loss["adv_prior"]
+        self.prior, self.classify = loss["adv_prior"], loss["disc_classify"]
 
     @property
     def enabled(self):
@@ -1702,7 +1721,7 @@ class SharpTerms:
 
     def wants_prior_samples(self, step):
         """Whether this step's forward pass should also decode prior samples (VAE.forward(prior_samples=))."""
-        return self.prior and self.adversarial_on(step)
+        return (self.prior or self.classify > 0) and self.adversarial_on(step)
 
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
@@ -1710,8 +1729,9 @@ class SharpTerms:
     def generator_terms(self, x, x_hat, rec_loss, last_layer, step, x_prior=None, y=None):
         """(weighted perceptual + adaptively weighted adversarial loss, logs) to add to the VAE's loss.
         rec_loss is the pixel term the adaptive weight balances against (with the perceptual term added);
-        x_prior, decoded prior samples, join the reconstructions before the discriminator; y, the batch's
-        labels, is what a conditional discriminator is told."""
+        x_prior, decoded prior samples, join the reconstructions before the discriminator (loss.adv_prior) and
+        are what the class head judges (loss.disc_classify); y, the batch's labels, is what a conditional
+        discriminator is told and the class each prior sample was decoded with."""
         extra, logs = torch.zeros((), device=x.device), {}
         if self.perceptual is not None:
             perc = self.perceptual(*random_roll((x_hat, x), self.jitter)).mean()
@@ -1719,8 +1739,12 @@ class SharpTerms:
             logs["perceptual"] = perc.detach()
         if self.adversarial_on(step):
             self.disc.requires_grad_(False)  # its weights are trained only by discriminator_step
-            fakes, labels = with_prior(x_hat, x_prior, y)
+            fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
             g_loss = hinge_g_loss(self.disc(self.augment(fakes), labels))
+            if self.classify > 0:
+                class_loss = F.cross_entropy(self.disc.class_logits(self.augment(x_prior)).float(), y)
+                logs["adv_class_loss"] = class_loss.detach()
+                g_loss = g_loss + self.classify * class_loss  # one adaptive weight for the discriminator's verdict
             self.disc.requires_grad_(True)
             weight = adaptive_adversarial_weight(rec_loss + extra, g_loss, last_layer, self.max_weight)
             extra = extra + self.adversarial_weight * weight * g_loss
@@ -1729,17 +1753,25 @@ class SharpTerms:
 
     def discriminator_step(self, x, x_hat, step, x_prior=None, y=None):
         """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat and
-        prior samples x_prior, all with labels y, under the run's autocast; nothing before loss.adv_start.
-        Returns logs."""
+        prior samples x_prior (loss.adv_prior), all with labels y, under the run's autocast; with a class head,
+        it also learns to name the class of the real images (never of fakes, which would teach it what the
+        decoder draws rather than what the class looks like). Nothing before loss.adv_start. Returns logs."""
         if not self.adversarial_on(step):
             return {}
         real = x.detach().float().requires_grad_(self.r1 > 0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            real_logits = self.disc(self.augment(real), y)
-            fakes, labels = with_prior(x_hat, x_prior, y)
+            real_in = self.augment(real)
+            real_logits = self.disc(real_in, y)
+            fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
             fake_logits = self.disc(self.augment(fakes.detach().float()), labels)
             loss = hinge_d_loss(real_logits, fake_logits)
             logs = {"disc_loss": loss.detach()}
+            if self.classify > 0:
+                class_logits = self.disc.class_logits(real_in).float()
+                class_loss = F.cross_entropy(class_logits, y)
+                loss = loss + self.classify * class_loss
+                logs.update(disc_class_loss=class_loss.detach(),
+                            disc_class_acc=(class_logits.argmax(1) == y).float().mean())
             if self.r1 > 0:
                 scale = self.disc_scaler.get_scale() if self.disc_scaler.is_enabled() else 1.0
                 penalty = r1_penalty(real_logits, real, scale)
@@ -1770,6 +1802,11 @@ class SharpTerms:
                 raise CheckpointError(f"the checkpoint's discriminator was {'' if saved else 'not '}told the labels "
                                       f"(loss.disc_conditional): resume with loss.disc_conditional="
                                       f"{str(saved).lower()}, as the run started")
+            saved = any(k.startswith("class_head.") for k in state["disc"])
+            if saved != (self.disc.class_head is not None):
+                raise CheckpointError(f"the checkpoint's discriminator has {'a' if saved else 'no'} class head "
+                                      f"(loss.disc_classify): resume with loss.disc_classify "
+                                      f"{'> 0' if saved else '= 0'}, as the run started")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
             self.disc_scaler.load_state_dict(state["disc_scaler"])

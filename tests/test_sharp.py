@@ -266,6 +266,107 @@ def test_only_a_conditional_discriminator_learns_to_reject_images_of_the_wrong_c
         assert final > 0.9
 
 
+def red_and_blue_discs(n=8):
+    """(images, labels): n red discs labelled 0, then n blue ones labelled 1."""
+    shapes = disc_images(n)
+    red = shapes * torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    blue = shapes * torch.tensor([0.2, 0.2, 1.0])[:, None, None]
+    return torch.cat([red, blue]), torch.tensor([0] * n + [1] * n)
+
+
+def test_a_class_head_adds_its_own_keys_and_names_classes_from_the_shared_trunk():
+    torch.manual_seed(0)
+    plain, headed = run_vae.PatchDiscriminator(32, 8), run_vae.PatchDiscriminator(32, 8, class_head=3)
+    assert set(headed.state_dict()) - set(plain.state_dict()) == {
+        k for k in headed.state_dict() if k.startswith("class_head.")} != set()
+    x = torch.rand(2, 3, 32, 32)
+    assert headed.class_logits(x).shape == (2, 3) and headed(x).shape == plain(x).shape
+    with pytest.raises(ValueError, match="no class head"):
+        plain.class_logits(x)  # no head, no class logits: not silently zeros
+
+
+@pytest.mark.parametrize("model, loss", [({"conditional": False}, {"adversarial": 0.5}),
+                                         ({"conditional": True}, {"adversarial": 0.0})])
+def test_disc_classify_needs_classes_and_a_discriminator(model, loss):
+    with pytest.raises(run_vae.ConfigError, match="disc_classify"):
+        run_vae.load_config(None, {"model": model, "loss": {"disc_classify": 1.0, **loss}})
+
+
+def classify_config(tmp_path, **loss):
+    values = {"adversarial": 0.5, "adv_start": 0.0, "diffaug": "", "disc_channels": 8, "disc_lr": 1e-2,
+              "disc_classify": 1.0, **loss}
+    return run_vae.load_config(None, {"data": {"image_size": 16, "root": str(tmp_path)},
+                                      "model": {"conditional": True}, "loss": values})
+
+
+def test_the_class_head_learns_the_labels_of_real_images_only(tmp_path):
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(classify_config(tmp_path), "cpu", steps_per_epoch=10, num_classes=2)
+    real, y = red_and_blue_discs()
+    # fakes drawn in the other class's colour: were the head trained on them under their labels, it
+    # could not name the real images' classes
+    fakes = real.flip(0)
+    logs = [sharp.discriminator_step(real, fakes, step, y=y) for step in range(40)]
+    assert logs[-1]["disc_class_loss"].item() < 0.3 * logs[0]["disc_class_loss"].item()
+    assert logs[-1]["disc_class_acc"].item() == 1.0
+    with torch.no_grad():
+        assert torch.equal(sharp.disc.class_logits(real).argmax(1), y)
+        assert torch.equal(sharp.disc.class_logits(fakes).argmax(1), 1 - y)  # it names what it sees
+
+
+def test_the_generator_class_term_is_the_heads_cross_entropy_on_prior_samples_only(tmp_path):
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(classify_config(tmp_path), "cpu", steps_per_epoch=10, num_classes=2)
+    assert sharp.wants_prior_samples(0)  # the class term needs prior samples even without adv_prior
+    real, y = red_and_blue_discs(2)
+    x_hat, x_prior = blur(real, 5), torch.rand(4, 3, 16, 16)
+    recon = torch.tensor(1.0, requires_grad=True)
+    last_layer = torch.ones(1, requires_grad=True)
+    with torch.no_grad():
+        hinge = run_vae.hinge_g_loss(sharp.disc(x_hat))  # without adv_prior the hinge judges reconstructions
+        class_loss = F.cross_entropy(sharp.disc.class_logits(x_prior), y)
+    _, logs = sharp.generator_terms(real, x_hat * last_layer, recon * last_layer.sum(), last_layer,
+                                    step=0, x_prior=x_prior * last_layer, y=y)
+    assert logs["adv_class_loss"].item() == pytest.approx(class_loss.item(), rel=1e-5)
+    assert logs["adv_g_loss"].item() == pytest.approx((hinge + class_loss).item(), rel=1e-5)
+    logs = sharp.discriminator_step(real, x_hat, step=0, x_prior=x_prior, y=y)
+    with torch.no_grad():
+        assert logs["disc_fake"].item() != pytest.approx(sharp.disc(torch.cat([x_hat, x_prior]), y.repeat(2)).mean().item())
+
+
+@pytest.mark.parametrize("classify", [0.0, 1.0])
+def test_the_class_term_teaches_the_decoder_to_draw_what_the_label_says(tmp_path, classify):
+    # The head first learns red = 0, blue = 1 on real discs. Then the decoder is trained by the
+    # generator terms alone (a tiny pixel term only gives the adaptive weight its scale): with the class
+    # term its prior samples for label 0 turn redder than those for label 1; without it, not.
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(classify_config(tmp_path, disc_classify=max(classify, 1.0)), "cpu",
+                               steps_per_epoch=10, num_classes=2)
+    real, y = red_and_blue_discs(4)
+    for step in range(40):
+        sharp.discriminator_step(real, real, step, y=y)
+    sharp.classify = classify
+    model = run_vae.VAE(16, latent_dim=8, num_classes=2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    last_layer = model.decoder[-2].weight
+    for step in range(25):
+        x_hat, x_prior, _, _ = model(real, y, prior_samples=True)
+        rec = 1e-3 * run_vae.squared_error(real, x_hat).mean()
+        extra, _ = sharp.generator_terms(real, x_hat, rec, last_layer, step, x_prior, y)
+        opt.zero_grad()
+        (rec + extra).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        z = torch.randn(64, 8)
+        reds = [model.decode(z, torch.full((64,), c)) for c in (0, 1)]
+    redness = [(r[:, 0] - r[:, 2]).mean().item() for r in reds]
+    if classify:
+        assert redness[0] - redness[1] > 0.6
+    else:
+        assert abs(redness[0] - redness[1]) < 0.3
+
+
 def test_blur_pool_halves_the_size_and_keeps_a_flat_image_flat():
     x = torch.full((1, 4, 8, 8), 0.3)
     y = run_vae.BlurPool(4, padding=1)(x)
@@ -490,16 +591,17 @@ def test_a_16px_run_with_the_perceptual_term_lowers_it(tmp_path, image_folder, j
     assert last < 0.8 * first
 
 
-@pytest.mark.parametrize("adv_prior, model, antialias", [
-    (False, {}, False), (True, {}, True),
-    (True, {"upsample": "bilinear", "final_conv": True, "res_blocks": 1, "noise": True}, False),
-    (True, {"conditional": True}, False)])
+@pytest.mark.parametrize("adv_prior, model, antialias, classify", [
+    (False, {}, False, 0.0), (True, {}, True, 0.0),
+    (True, {"upsample": "bilinear", "final_conv": True, "res_blocks": 1, "noise": True}, False, 0.0),
+    (True, {"conditional": True}, False, 0.0), (False, {"conditional": True, "encoder_label": False}, False, 1.0)])
 def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discriminator(tmp_path, image_folder,
-                                                                                      adv_prior, model, antialias):
+                                                                                      adv_prior, model, antialias,
+                                                                                      classify):
     conditional = model.get("conditional", False)  # then the discriminator is told the labels too
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2, "log_every": 1}, model={"latent_dim": 8, **model},
                       loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": adv_prior, "disc_antialias": antialias,
-                            "disc_conditional": conditional})
+                            "disc_conditional": conditional, "disc_classify": classify})
     summary = train(cfg)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(summary["run_dir"]).Reload()
@@ -509,6 +611,10 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
     last = load_checkpoint(tmp_path / "logs/tiny/last.pt")
     assert set(last["sharp"]) == {"disc", "disc_opt", "disc_scaler"}
     assert any(k.startswith("class_embedding.") for k in last["sharp"]["disc"]) == conditional
+    assert any(k.startswith("class_head.") for k in last["sharp"]["disc"]) == (classify > 0)
+    if classify:
+        heads = acc.Scalars("train/disc_class_loss") + acc.Scalars("train/adv_class_loss")
+        assert heads and all(np.isfinite(e.value) for e in heads)
     best = load_checkpoint(summary["best_checkpoint"])
     assert "sharp" not in best and not any(k.startswith("disc") for k in best["model"])
     metrics = run_vae.test({**cfg, "test": {**cfg["test"], "checkpoint": summary["best_checkpoint"],
@@ -516,9 +622,12 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
     assert metrics["epoch"] == best["epoch"] and (tmp_path / "test/samples.png").is_file()
 
 
-@pytest.mark.parametrize("adv_prior, conditional", [(False, False), (True, False), (True, True)])
-def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior, conditional):
-    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior, "disc_conditional": conditional}
+@pytest.mark.parametrize("adv_prior, conditional, classify", [(False, False, 0.0), (True, False, 0.0),
+                                                               (True, True, 0.0), (False, True, 1.0)])
+def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior, conditional,
+                                                                   classify):
+    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior, "disc_conditional": conditional,
+            "disc_classify": classify}
     model = {"latent_dim": 8, "conditional": conditional}
     full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, model=model, loss=loss)
     part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, model=model, loss=loss)
@@ -548,4 +657,16 @@ def test_resume_refuses_to_switch_the_discriminators_labels(tmp_path, image_fold
     last = (tmp_path / "logs/tiny/last.pt").read_bytes()
     with pytest.raises(run_vae.CheckpointError, match=f"loss.disc_conditional={str(conditional_then).lower()}"):
         train(config(not conditional_then), resume=True)
+    assert (tmp_path / "logs/tiny/last.pt").read_bytes() == last  # nothing saved is lost
+
+
+@pytest.mark.parametrize("classify_then", [0.0, 1.0])
+def test_resume_refuses_to_add_or_drop_the_class_head(tmp_path, image_folder, classify_then):
+    def config(classify):
+        return tiny_config(tmp_path, image_folder, model={"latent_dim": 8, "conditional": True}, train={"epochs": 2},
+                           loss={"adversarial": 0.5, "adv_start": 0.0, "disc_classify": classify})
+    train(config(classify_then), max_epochs=1)
+    last = (tmp_path / "logs/tiny/last.pt").read_bytes()
+    with pytest.raises(run_vae.CheckpointError, match="class head"):
+        train(config(1.0 - classify_then), resume=True)
     assert (tmp_path / "logs/tiny/last.pt").read_bytes() == last  # nothing saved is lost
