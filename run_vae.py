@@ -150,8 +150,10 @@ DEFAULTS = {
         "disc_classify": 0.0,     # weight of an auxiliary classifier on the discriminator (AC-GAN, Odena et al. 2017),
                                   # 0 = off; needs model.conditional and loss.adversarial. Its head learns the class
                                   # of real images only, and the decoder learns to draw prior samples the head files
-                                  # under their label, so the label must change what is drawn. Our own network,
-                                  # trained from scratch: not an evaluator's. One more decoder pass per step
+                                  # under their label, so the label must change what is drawn. Its cross-entropy
+                                  # joins the hinge loss before the adaptive weight: λ is its share of that pull.
+                                  # Our own network, trained from scratch, not an evaluator's. One more decoder
+                                  # pass per step (the prior samples) even without adv_prior
         "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
                                   # (SoftIntro below); not combined with the perceptual or adversarial term.
                                   # 4.3x the plain step's FLOPs

@@ -324,14 +324,15 @@ def test_the_generator_class_term_is_the_heads_cross_entropy_on_prior_samples_on
     last_layer = torch.ones(1, requires_grad=True)
     with torch.no_grad():
         hinge = run_vae.hinge_g_loss(sharp.disc(x_hat))  # without adv_prior the hinge judges reconstructions
+        fake_by_hand, with_prior = sharp.disc(x_hat).mean(), sharp.disc(torch.cat([x_hat, x_prior])).mean()
         class_loss = F.cross_entropy(sharp.disc.class_logits(x_prior), y)
     _, logs = sharp.generator_terms(real, x_hat * last_layer, recon * last_layer.sum(), last_layer,
                                     step=0, x_prior=x_prior * last_layer, y=y)
     assert logs["adv_class_loss"].item() == pytest.approx(class_loss.item(), rel=1e-5)
     assert logs["adv_g_loss"].item() == pytest.approx((hinge + class_loss).item(), rel=1e-5)
     logs = sharp.discriminator_step(real, x_hat, step=0, x_prior=x_prior, y=y)
-    with torch.no_grad():
-        assert logs["disc_fake"].item() != pytest.approx(sharp.disc(torch.cat([x_hat, x_prior]), y.repeat(2)).mean().item())
+    # and so does the critic (its spectral norm's power iteration moves the logits by ~1e-5 per call)
+    assert abs(logs["disc_fake"] - fake_by_hand) < 1e-4 < abs(logs["disc_fake"] - with_prior)
 
 
 @pytest.mark.parametrize("classify", [0.0, 1.0])
