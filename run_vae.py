@@ -1825,8 +1825,9 @@ def step_forward(model, x, y, sharp, step):
 
 def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, steps=6, device="cpu", model=None):
     """Seconds and GFLOP (PyTorch's count, forward + backward) per image of one full training step (train_step)
-    of the seed VAE (latent 128; `model` overrides its config section, e.g. {"upsample": "resize"}) with the
-    loss section `loss` (e.g. {"perceptual": 0.1}; None = the plain step), every term on from the first step:
+    of the seed VAE (latent 128; `model` overrides its config section, e.g. {"upsample": "resize"}; with
+    "conditional", 4 classes) with the loss section `loss` (e.g. {"perceptual": 0.1}; None = the plain step),
+    every term on from the first step:
     VAE forward and backward, Adam, and the discriminator's update. The median of `steps` timed steps after
     one warm-up; compare against loss=None for the extra cost of a term (bench/ can call this)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -1835,24 +1836,26 @@ def sharp_step_cost(loss=None, image_size=64, batch_size=4, amp_dtype=None, step
                              "loss": {"adv_start": 0.0, **(loss or {})}})
     torch.manual_seed(0)
     run = types.SimpleNamespace(cfg=cfg, world=World(), ema=None, step=0, amp_dtype=amp_dtype)
-    run.model = run.train_model = build_model(cfg, 0).to(device)
+    classes = 4 if cfg["model"]["conditional"] else 0
+    run.model = run.train_model = build_model(cfg, classes).to(device)
     run.optimizer = torch.optim.Adam(run.model.parameters(), lr=1e-4)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)
     run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run.autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    sharp = SharpTerms(cfg, device, steps_per_epoch=1, amp_dtype=amp_dtype)
+    sharp = SharpTerms(cfg, device, steps_per_epoch=1, amp_dtype=amp_dtype, num_classes=classes)
     run.sharp = sharp if sharp.enabled else None
     run.intro = SoftIntro(cfg, steps_per_epoch=1) if cfg["loss"]["soft_intro"] else None
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    y = torch.arange(batch_size, device=device) % classes if classes else None
 
     with FlopCounterMode(display=False) as counter:
-        train_step(run, x, None, 0.5)
+        train_step(run, x, y, 0.5)
     times = []
     for run.step in range(1, steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        train_step(run, x, None, 0.5)
+        train_step(run, x, y, 0.5)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)

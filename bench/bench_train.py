@@ -578,7 +578,10 @@ RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()}
            "adv_prior, res blocks": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1}),
            "adv_prior, res, bilinear": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "upsample": "bilinear"}),
            "adv_prior, res, noise": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "noise": True}),
-           "soft_intro, res blocks": (run_vae.LOSS_RECIPES["soft_intro"], {"final_conv": True, "res_blocks": 1})}
+           "soft_intro, res blocks": (run_vae.LOSS_RECIPES["soft_intro"], {"final_conv": True, "res_blocks": 1}),
+           "adversarial, resize, projection + class head": (
+               {**run_vae.LOSS_RECIPES["adversarial"], "disc_conditional": True, "disc_classify": 1.0},
+               {"upsample": "resize", "conditional": True, "encoder_label": False})}
 
 
 def bench_recipes(args):

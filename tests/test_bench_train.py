@@ -76,7 +76,7 @@ def test_recipe_costs_count_the_extra_networks():
     assert set(fig) == {"plain", "perceptual", "adversarial", "both", "soft_intro", "plain, resize decoder",
                         "adversarial, resize decoder", "adv_prior", "adv_prior, antialiased disc",
                         "adv_prior, res blocks", "adv_prior, res, bilinear", "adv_prior, res, noise",
-                        "soft_intro, res blocks"}
+                        "soft_intro, res blocks", "adversarial, resize, projection + class head"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
     assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
@@ -98,3 +98,5 @@ def test_recipe_costs_count_the_extra_networks():
     intro_res, intro = fig["soft_intro, res blocks"]["gflop_per_image"], fig["soft_intro"]["gflop_per_image"]
     assert intro_res - intro > fig["adv_prior, res blocks"]["gflop_per_image"] - prior
     assert fig["soft_intro"]["flops_vs_plain"] > 3.5  # three encoder and decoder passes more, and a fifth
+    # the class head's prior samples: one more resize-decoder and discriminator pass than the resize recipe
+    assert fig["adversarial, resize, projection + class head"]["gflop_per_image"] > adversarial_resize["gflop_per_image"]

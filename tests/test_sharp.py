@@ -536,6 +536,12 @@ def test_step_cost_counts_the_extra_networks():
                                          image_size=16, batch_size=2, steps=1)
     assert plain["seconds_per_image"] > 0 and adversarial["gflop_per_image"] > plain["gflop_per_image"] > 0
     assert with_prior["gflop_per_image"] > adversarial["gflop_per_image"]  # one more decoder and disc pass
+    conditional = {"adversarial": 0.5, "disc_channels": 16, "disc_conditional": True}
+    projection = run_vae.sharp_step_cost(conditional, image_size=16, batch_size=2, steps=1,
+                                         model={"conditional": True})
+    head = run_vae.sharp_step_cost({**conditional, "disc_classify": 1.0}, image_size=16, batch_size=2, steps=1,
+                                   model={"conditional": True})
+    assert head["gflop_per_image"] > projection["gflop_per_image"] > 0  # the prior samples' decoder and disc pass
 
 
 def test_forward_with_prior_samples_decodes_standard_normal_z_beside_the_posterior():
