@@ -151,9 +151,11 @@ DEFAULTS = {
                                   # 0 = off; needs model.conditional and loss.adversarial. Its head learns the class
                                   # of real images only, and the decoder learns to draw prior samples the head files
                                   # under their label, so the label must change what is drawn. Its cross-entropy
-                                  # joins the hinge loss before the adaptive weight: λ is its share of that pull.
-                                  # Our own network, trained from scratch, not an evaluator's. One more decoder
-                                  # pass per step (the prior samples) even without adv_prior
+                                  # joins the hinge loss before the adaptive weight: λ is its share of that pull,
+                                  # and weighs the head's own cross-entropy in the discriminator's loss too. Our
+                                  # own network, trained from scratch, not an evaluator's. The prior samples are
+                                  # decoded even without adv_prior, in the reconstructions' batch (its BatchNorm
+                                  # statistics and random draws change with them, as with adv_prior)
         "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
                                   # (SoftIntro below); not combined with the perceptual or adversarial term.
                                   # 4.3x the plain step's FLOPs
@@ -1553,9 +1555,9 @@ class PatchDiscriminator(nn.Module):
     number of stride-2 convs follows the image size (16 px: 1, 32 px: 2, 64 px and up: 3), so each logit
     sees a patch (38 px at 3) and the map is 8x8 up to 64 px, image_size / 8 beyond. With antialias each
     stride-2 conv becomes a 3x3 conv at full resolution, LeakyReLU, then BlurPool (patches of 45 px).
-    With class_head, a linear head on the mean of the last features names each image's class (AC-GAN)."""
+    With head_classes, a linear head on the mean of the last features names each image's class (AC-GAN)."""
 
-    def __init__(self, image_size, channels=64, antialias=False, num_classes=0, class_head=0):
+    def __init__(self, image_size, channels=64, antialias=False, num_classes=0, head_classes=0):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
         layers, cin = [], 3
@@ -1569,21 +1571,25 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers, sn(nn.Conv2d(cin, 1, 3, 1, 1)))
         # projection: each patch's logit gains <embedding of the label, the patch's last features>
         self.class_embedding = sn(nn.Embedding(num_classes, cin)) if num_classes else None
-        self.class_head = sn(nn.Linear(cin, class_head)) if class_head else None
+        self.class_head = sn(nn.Linear(cin, head_classes)) if head_classes else None
 
     def class_logits(self, x):
         """One logit per class for [0,1] images x, from the trunk the patch logits share."""
+        return self.head(self.net[:-1](2 * x - 1))
+
+    def head(self, features):
         if self.class_head is None:
             raise ValueError("this discriminator has no class head (loss.disc_classify=0)")
-        return self.class_head(self.net[:-1](2 * x - 1).mean((2, 3)))
+        return self.class_head(features.mean((2, 3)))
 
-    def forward(self, x, y=None):
-        """One logit per patch for [0,1] images x; with classes, y (indices) is the label each image claims."""
-        if self.class_embedding is None:
-            return self.net(2 * x - 1)
+    def forward(self, x, y=None, with_classes=False):
+        """One logit per patch for [0,1] images x; with classes, y (indices) is the label each image claims.
+        with_classes: (patch logits, class logits), both from one pass through the trunk."""
         features = self.net[:-1](2 * x - 1)
-        projection = (self.class_embedding(y)[:, :, None, None] * features).sum(1, keepdim=True)
-        return self.net[-1](features) + projection
+        logits = self.net[-1](features)
+        if self.class_embedding is not None:
+            logits = logits + (self.class_embedding(y)[:, :, None, None] * features).sum(1, keepdim=True)
+        return (logits, self.head(features)) if with_classes else logits
 
 
 def hinge_d_loss(real_logits, fake_logits):
@@ -1686,12 +1692,12 @@ class SharpTerms:
     In a training step (x, x_hat in [0,1]; last_layer = model.decoder[-2].weight, the decoder's last conv):
 
         with autocast:
-            x_hat, mu, logvar = model(x, y)
+            x_hat, x_prior, mu, logvar = step_forward(model, x, y, sharp, step)  # x_prior: None or samples
             recon, kl, _ = vae_loss(x, x_hat, mu, logvar)
-            extra, logs = sharp.generator_terms(x, x_hat, recon, last_layer, step)
+            extra, logs = sharp.generator_terms(x, x_hat, recon, last_layer, step, x_prior, y)
             loss = recon + beta * kl + extra
         ...backward and step the VAE as usual...
-        logs.update(sharp.discriminator_step(x, x_hat, step))
+        logs.update(sharp.discriminator_step(x, x_hat, step, x_prior, y))
 
     Logged values are detached 0-d tensors (no device sync until the caller reads them)."""
 
@@ -1705,6 +1711,8 @@ class SharpTerms:
         if self.adversarial_weight > 0:
             classes = num_classes if loss["disc_conditional"] else 0
             head = num_classes if loss["disc_classify"] > 0 else 0
+            if loss["disc_classify"] > 0 and not num_classes:
+                raise ConfigError("loss.disc_classify needs the data's classes: build SharpTerms with num_classes")
             self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"],
                                            loss["disc_antialias"], classes, head).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
@@ -1712,7 +1720,7 @@ class SharpTerms:
         self.jitter = loss["perceptual_jitter"]
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
-        self.prior, self.classify = loss["adv_prior"], loss["disc_classify"]
+        self.prior, self.classify_weight = loss["adv_prior"], loss["disc_classify"]
 
     @property
     def enabled(self):
@@ -1723,7 +1731,7 @@ class SharpTerms:
 
     def wants_prior_samples(self, step):
         """Whether this step's forward pass should also decode prior samples (VAE.forward(prior_samples=))."""
-        return (self.prior or self.classify > 0) and self.adversarial_on(step)
+        return (self.prior or self.classify_weight > 0) and self.adversarial_on(step)
 
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
@@ -1741,17 +1749,32 @@ class SharpTerms:
             logs["perceptual"] = perc.detach()
         if self.adversarial_on(step):
             self.disc.requires_grad_(False)  # its weights are trained only by discriminator_step
-            fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
-            g_loss = hinge_g_loss(self.disc(self.augment(fakes), labels))
-            if self.classify > 0:
-                class_loss = F.cross_entropy(self.disc.class_logits(self.augment(x_prior)).float(), y)
+            fake_logits, class_logits = self.judge_fakes(x_hat, x_prior, y)
+            g_loss = hinge_g_loss(fake_logits)
+            if class_logits is not None:
+                class_loss = F.cross_entropy(class_logits.float(), y)
                 logs["adv_class_loss"] = class_loss.detach()
-                g_loss = g_loss + self.classify * class_loss  # one adaptive weight for the discriminator's verdict
+                # one adaptive weight for the discriminator's whole verdict: λ is the class term's share of it
+                g_loss = g_loss + self.classify_weight * class_loss
             self.disc.requires_grad_(True)
             weight = adaptive_adversarial_weight(rec_loss + extra, g_loss, last_layer, self.max_weight)
             extra = extra + self.adversarial_weight * weight * g_loss
             logs.update(adv_g_loss=g_loss.detach(), adv_weight=weight)
         return extra, logs
+
+    def judge_fakes(self, x_hat, x_prior, y):
+        """(patch logits of the fakes the hinge judges, the class head's logits of the prior samples or None),
+        with one trunk pass per image."""
+        fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
+        if self.classify_weight == 0:
+            return self.disc(self.augment(fakes), labels), None
+        if x_prior is None:
+            raise ValueError("loss.disc_classify judges prior samples: pass x_prior, the images "
+                             "VAE.forward(x, y, prior_samples=True) decodes")
+        if not self.prior:
+            return self.disc(self.augment(fakes), labels), self.disc.class_logits(self.augment(x_prior))
+        fake_logits, class_logits = self.disc(self.augment(fakes), labels, with_classes=True)
+        return fake_logits, class_logits[len(x_hat):]
 
     def discriminator_step(self, x, x_hat, step, x_prior=None, y=None):
         """One hinge-loss update of the discriminator on real x and (detached) reconstructions x_hat and
@@ -1762,16 +1785,16 @@ class SharpTerms:
             return {}
         real = x.detach().float().requires_grad_(self.r1 > 0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            real_in = self.augment(real)
-            real_logits = self.disc(real_in, y)
+            real_logits = self.disc(self.augment(real), y, with_classes=self.classify_weight > 0)
+            if self.classify_weight > 0:
+                real_logits, class_logits = real_logits[0], real_logits[1].float()
             fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
             fake_logits = self.disc(self.augment(fakes.detach().float()), labels)
             loss = hinge_d_loss(real_logits, fake_logits)
             logs = {"disc_loss": loss.detach()}
-            if self.classify > 0:
-                class_logits = self.disc.class_logits(real_in).float()
+            if self.classify_weight > 0:
                 class_loss = F.cross_entropy(class_logits, y)
-                loss = loss + self.classify * class_loss
+                loss = loss + self.classify_weight * class_loss
                 logs.update(disc_class_loss=class_loss.detach(),
                             disc_class_acc=(class_logits.argmax(1) == y).float().mean())
             if self.r1 > 0:
@@ -1806,9 +1829,10 @@ class SharpTerms:
                                       f"{str(saved).lower()}, as the run started")
             saved = any(k.startswith("class_head.") for k in state["disc"])
             if saved != (self.disc.class_head is not None):
+                advice = ("loss.disc_classify > 0, the weight in the run's config.yaml" if saved
+                          else "loss.disc_classify=0")
                 raise CheckpointError(f"the checkpoint's discriminator has {'a' if saved else 'no'} class head "
-                                      f"(loss.disc_classify): resume with loss.disc_classify "
-                                      f"{'> 0' if saved else '= 0'}, as the run started")
+                                      f"(loss.disc_classify): resume with {advice}, as the run started")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
             self.disc_scaler.load_state_dict(state["disc_scaler"])
@@ -1816,7 +1840,7 @@ class SharpTerms:
 
 def step_forward(model, x, y, sharp, step):
     """The training step's forward pass: (x_hat, x_prior, mu, logvar), x_prior the prior samples the
-    adversarial term asks for at this step (loss.adv_prior), else None."""
+    adversarial term asks for at this step (loss.adv_prior, loss.disc_classify), else None."""
     if sharp is not None and sharp.wants_prior_samples(step):
         return model(x, y, prior_samples=True)
     x_hat, mu, logvar = model(x, y)

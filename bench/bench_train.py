@@ -568,7 +568,8 @@ def bench_ddp(args, processes):
 
 # (loss section, model section) of each measured step: the loss recipes with the default decoder, the
 # resize decoder (model.upsample) plain and under the adversarial term, and the variants of the adversarial
-# term with prior samples judged too (decoders included) of docs/results.md "Sharp samples"
+# term with prior samples judged too (decoders included) of docs/results.md "Sharp samples", and the
+# conditional resize recipe with the projection discriminator and its class head (4 classes)
 WITH_PRIOR = {**run_vae.LOSS_RECIPES["adversarial"], "adv_prior": True}
 RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()},
            "plain, resize decoder": ({}, {"upsample": "resize"}),
@@ -606,7 +607,8 @@ def bench_recipes(args):
     lines = [f"one training step per recipe: {args.image_size}x{args.image_size}, batch {args.batch_size}, "
              f"{device}, {torch.get_num_threads()} thread(s), precision {amp or 'fp32'}"]
     model = {name: f"; model {m}" if m else "" for name, (_, m) in RECIPES.items()}
-    lines += [f"{name:<28} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
+    width = max(map(len, RECIPES))
+    lines += [f"{name:<{width}} {f['seconds_per_image'] * 1e3:7.1f} ms/image = {f['vs_plain']:.2f}x plain; "
               f"{f['gflop_per_image']:.2f} GFLOP/image = {f['flops_vs_plain']:.2f}x  "
               f"({RECIPES[name][0] or 'no extra terms'}{model[name]})"
               for name, f in fig.items()]

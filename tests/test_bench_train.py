@@ -98,6 +98,7 @@ def test_recipe_costs_count_the_extra_networks():
     intro_res, intro = fig["soft_intro, res blocks"]["gflop_per_image"], fig["soft_intro"]["gflop_per_image"]
     assert intro_res - intro > fig["adv_prior, res blocks"]["gflop_per_image"] - prior
     assert fig["soft_intro"]["flops_vs_plain"] > 3.5  # three encoder and decoder passes more, and a fifth
-    # the class head's prior samples: one more resize-decoder and discriminator pass than the resize recipe
+    # the class head's recipe costs more than the plain resize one (its prior samples' decoder and discriminator
+    # passes; test_sharp's step-cost test tells them from the conditional model's own extra inputs)
     head = fig["adversarial, resize, projection + class head"]
     assert head["gflop_per_image"] > adversarial_resize["gflop_per_image"]
