@@ -211,10 +211,20 @@ def main():
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        rows.append(measure(str(protocol["config"]), data_root, VARIANTS[variant] + args.overrides,
-                            protocol["epochs"], protocol["num_samples"], protocol["num_real"], f"{variant}-{stamp}",
-                            args.out, args.checkpoint, args.recon, args.standard_prior, temperatures))
-        rows[-1].update(variant=variant, protocol=args.protocol)
+    try:
+        for variant in args.variants.split(","):
+            rows.append(measure(str(protocol["config"]), data_root, VARIANTS[variant] + args.overrides,
+                                protocol["epochs"], protocol["num_samples"], protocol["num_real"],
+                                f"{variant}-{stamp}", args.out, args.checkpoint, args.recon, args.standard_prior,
+                                temperatures))
+            rows[-1].update(variant=variant, protocol=args.protocol)
+    except run_vae.StopRequested as e:
+        # a shortened run's figures do not compare with the protocol's, so the bench does not score it itself
+        print(f"{e}\nthe bench stopped before scoring; to score the weights as they are: python bench/quality.py "
+              f"--protocol {args.protocol} --checkpoint <that last.pt>", file=sys.stderr)
+        sys.exit(130)
+    except (run_vae.ConfigError, run_vae.DataError, run_vae.CheckpointError, run_vae.TrainingDiverged) as e:
+        sys.exit(f"error: {e}")
     print(f"\nprotocol: {args.protocol}   data: {data_root}   config: {protocol['config']}   "
           f"overrides: {' '.join(args.overrides) or '-'}")
     print(format_table(rows))

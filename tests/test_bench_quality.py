@@ -115,3 +115,21 @@ def test_the_loss_recipes_are_variants_and_configure_the_terms():
     both = run_vae.load_config(None, quality.VARIANTS["both"])["loss"]
     assert both["perceptual"] > 0 and both["adversarial"] > 0
     assert run_vae.load_config(None, quality.VARIANTS["plain"])["loss"] == run_vae.DEFAULTS["loss"]
+
+
+def test_a_stopped_or_misconfigured_bench_says_what_to_do_without_a_traceback(tmp_path, monkeypatch, capsys):
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    argv = ["quality.py", "--data", str(images), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv + ["model.upsample=sideways"])
+    with pytest.raises(SystemExit) as e:
+        quality.main()
+    assert str(e.value.code).startswith("error: model.upsample")
+
+    def stopped(*args, **kwargs):
+        raise run_vae.StopRequested("stopped at epoch 2 step 5; continue with --resume (somewhere/last.pt)")
+    monkeypatch.setattr(quality, "measure", stopped)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        quality.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "somewhere/last.pt" in err and "--checkpoint" in err
