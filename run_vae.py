@@ -1711,8 +1711,11 @@ class SharpTerms:
         if self.adversarial_weight > 0:
             classes = num_classes if loss["disc_conditional"] else 0
             head = num_classes if loss["disc_classify"] > 0 else 0
-            if loss["disc_classify"] > 0 and not num_classes:
-                raise ConfigError("loss.disc_classify needs the data's classes: build SharpTerms with num_classes")
+            # without the classes either option would quietly leave the discriminator blind to labels
+            label_options = [k for k in ("disc_conditional", "disc_classify") if loss[k]]
+            if label_options and not num_classes:
+                raise ConfigError(f"loss.{label_options[0]} needs the data's classes: "
+                                  f"build SharpTerms with num_classes")
             self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"],
                                            loss["disc_antialias"], classes, head).to(device)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))

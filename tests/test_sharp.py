@@ -313,6 +313,18 @@ def test_the_class_head_learns_the_labels_of_real_images_only(tmp_path):
         assert torch.equal(sharp.disc.class_logits(fakes).argmax(1), 1 - y)  # it names what it sees
 
 
+@pytest.mark.parametrize("option", [{"disc_classify": 1.0}, {"disc_conditional": True, "disc_classify": 0.0}])
+def test_a_label_aware_discriminator_built_without_the_classes_is_refused(tmp_path, option):
+    # a caller that forgets num_classes would otherwise get a discriminator that ignores the labels
+    key = next(k for k, v in option.items() if v)
+    with pytest.raises(run_vae.ConfigError, match=f"loss.{key} needs the data's classes"):
+        run_vae.SharpTerms(classify_config(tmp_path, **option), "cpu", steps_per_epoch=10)
+    sharp = run_vae.SharpTerms(classify_config(tmp_path, **option), "cpu", steps_per_epoch=10, num_classes=3)
+    embedding, head = sharp.disc.class_embedding, sharp.disc.class_head
+    assert (embedding.num_embeddings if embedding else 0) == (3 if option.get("disc_conditional") else 0)
+    assert (head.out_features if head else 0) == (3 if option["disc_classify"] else 0)
+
+
 def test_the_generator_class_term_is_the_heads_cross_entropy_on_prior_samples_only(tmp_path):
     torch.manual_seed(0)
     sharp = run_vae.SharpTerms(classify_config(tmp_path), "cpu", steps_per_epoch=10, num_classes=2)
