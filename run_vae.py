@@ -135,7 +135,7 @@ DEFAULTS = {
         "disc_channels": 32,      # width of the discriminator's first layer, doubling per stride-2 layer; at 64 px
                                   # 32 adds ~0.34 GFLOP per training image (+27% of the VAE's), 64 adds ~1.27
         "diffaug": "translation", # DiffAugment policy on real and fake before the discriminator (comma-separated
-                                  # subset of color, translation, cutout; "" = off): stops it memorising a small data
+                                  # subset of color, hue, translation, cutout; "" = off): stops it memorising a small data
                                   # set. color and cutout hid the blur of apples reconstructions from it altogether
         "disc_antialias": False,  # the discriminator halves its resolution by a 3x3 conv and a [1,2,1] blur with
                                   # stride 2 (anti-aliased pooling) instead of stride-2 4x4 convs, whose gradient to
@@ -156,6 +156,9 @@ DEFAULTS = {
                                   # own network, trained from scratch, not an evaluator's. The prior samples are
                                   # decoded even without adv_prior, in the reconstructions' batch (its BatchNorm
                                   # statistics and random draws change with them, as with adv_prior)
+        "disc_classify_aug": "",  # DiffAugment ops (as loss.diffaug; "" = none) added for the class head's inputs
+                                  # only, real and fake: "hue" keeps a colour cast from naming a class, so the
+                                  # decoder must change the picture. The head then needs its own trunk passes
         "soft_intro": False,      # Soft-IntroVAE from loss.adv_start on: no discriminator, the encoder is the critic
                                   # (SoftIntro below); not combined with the perceptual or adversarial term.
                                   # 4.3x the plain step's FLOPs
@@ -384,6 +387,7 @@ def check_config(cfg):
     for key in ("device_budget", "host_budget"):
         parse_budget(cfg["data"][key], f"data.{key}")
     check_diffaug(cfg["loss"]["diffaug"])
+    check_diffaug(cfg["loss"]["disc_classify_aug"], "loss.disc_classify_aug")
     loss = cfg["loss"]
     if loss["soft_intro"] and (loss["perceptual"] > 0 or loss["adversarial"] > 0):
         raise ConfigError("loss.soft_intro replaces the adversarial term and is not combined with the perceptual "
@@ -398,6 +402,9 @@ def check_config(cfg):
         raise ConfigError("loss.disc_classify puts a class head on the discriminator, so it needs classes and a "
                           "discriminator: set model.conditional=true and loss.adversarial > 0, or "
                           "loss.disc_classify=0")
+    if loss["disc_classify_aug"].strip(", ") and not loss["disc_classify"] > 0:
+        raise ConfigError("loss.disc_classify_aug augments what the discriminator's class head sees, and there is "
+                          "no head: set loss.disc_classify > 0, or loss.disc_classify_aug=\"\"")
     if cfg["fid"]["enabled"] and cfg["fid"]["select"] == "fd_eff" and not cfg["fid"]["efficientnet"]:
         raise ConfigError("fid.select=fd_eff needs fid.efficientnet=true (FD_eff is measured in its features)")
     if not cfg["run"]["name"] or any(c in cfg["run"]["name"] for c in "/\\"):
@@ -417,13 +424,13 @@ def parse_budget(value, key):
     return int(gib * 2 ** 30)
 
 
-DIFFAUG_OPS = ("color", "translation", "cutout")
+DIFFAUG_OPS = ("color", "hue", "translation", "cutout")
 
 
-def check_diffaug(policy):
+def check_diffaug(policy, key="loss.diffaug"):
     unknown = [op for op in policy.split(",") if op.strip() and op.strip() not in DIFFAUG_OPS]
     if unknown:
-        raise ConfigError(f"loss.diffaug must be \"\" (off) or a comma-separated subset of {','.join(DIFFAUG_OPS)}, "
+        raise ConfigError(f"{key} must be \"\" (off) or a comma-separated subset of {','.join(DIFFAUG_OPS)}, "
                           f"got {policy!r}")
 
 
@@ -1641,12 +1648,28 @@ def random_roll(images, max_shift):
     return tuple(torch.roll(t, (dy, dx), dims=(-2, -1)) for t in images)
 
 
+# RGB to YIQ and back: Y is the luma, I and Q the chroma plane a hue rotation turns while the luma stays
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
+
+
+def rotate_hue(x, angles):
+    """[0,1] images x (N, 3, H, W) with their hue turned by angles (N,) radians: a rotation of the chroma
+    plane in YIQ, so the luma and (before the clamp to [0,1]) the saturation are kept."""
+    cos, sin = torch.cos(angles.float()), torch.sin(angles.float())
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rotation = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(-1, 3, 3)
+    matrix = (YIQ_TO_RGB.to(x.device) @ rotation @ RGB_TO_YIQ.to(x.device)).to(x.dtype)
+    return torch.einsum("nij,njhw->nihw", matrix, x).clamp(0, 1)
+
+
 def diff_augment(x, policy="color,translation,cutout"):
     """Differentiable augmentation (after Zhao et al. 2020, DiffAugment): random transforms from one
     distribution for real and fake images before the discriminator (in its step and the generator's), so
     it cannot memorise a small data set while its gradients still reach the generator. `policy` is a
-    comma-separated subset of color, translation, cutout. Each op keeps [0,1] images in [0,1]: colour
-    changes are blends (towards black or white, grey, the image mean), shifts and cutout fill with 0."""
+    comma-separated subset of color, hue, translation, cutout. Each op keeps [0,1] images in [0,1]: colour
+    changes are blends (towards black or white, grey, the image mean), hue turns each image's colours by a
+    random angle round the grey axis (clamped), shifts and cutout fill with 0."""
     ops = {op.strip() for op in policy.split(",") if op.strip()}
     n, _, h, w = x.shape
     rand = lambda: torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
@@ -1655,6 +1678,8 @@ def diff_augment(x, policy="color,translation,cutout"):
         x = torch.where(b > 0, x + b * (1 - x), x * (1 + b))
         x = x.mean(1, keepdim=True) + (x - x.mean(1, keepdim=True)) * rand()  # saturation in [0, 1]
         x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.5 + 0.5 * rand())
+    if "hue" in ops:
+        x = rotate_hue(x, (2 * rand().flatten() - 1) * math.pi)
     if "translation" in ops:  # shift by up to 1/8 of the size, zero fill
         sh, sw = h // 8, w // 8
         dy = torch.randint(-sh, sh + 1, (n, 1, 1), device=x.device)
@@ -1724,6 +1749,7 @@ class SharpTerms:
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
         self.prior, self.classify_weight = loss["adv_prior"], loss["disc_classify"]
+        self.head_policy = loss["disc_classify_aug"].strip(", ")
 
     @property
     def enabled(self):
@@ -1738,6 +1764,10 @@ class SharpTerms:
 
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
+
+    def head_logits(self, x):
+        """The class head's logits for images x, augmented as loss.disc_classify_aug adds, own trunk pass."""
+        return self.disc.class_logits(diff_augment(self.augment(x), self.head_policy))
 
     def generator_terms(self, x, x_hat, rec_loss, last_layer, step, x_prior=None, y=None):
         """(weighted perceptual + adaptively weighted adversarial loss, logs) to add to the VAE's loss.
@@ -1767,15 +1797,15 @@ class SharpTerms:
 
     def judge_fakes(self, x_hat, x_prior, y):
         """(patch logits of the fakes the hinge judges, the class head's logits of the prior samples or None),
-        with one trunk pass per image."""
+        with one trunk pass per image, and one more for the head's inputs under loss.disc_classify_aug."""
         fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
         if self.classify_weight == 0:
             return self.disc(self.augment(fakes), labels), None
         if x_prior is None:
             raise ValueError("loss.disc_classify judges prior samples: pass x_prior, the images "
                              "VAE.forward(x, y, prior_samples=True) decodes")
-        if not self.prior:
-            return self.disc(self.augment(fakes), labels), self.disc.class_logits(self.augment(x_prior))
+        if not self.prior or self.head_policy:
+            return self.disc(self.augment(fakes), labels), self.head_logits(x_prior)
         fake_logits, class_logits = self.disc(self.augment(fakes), labels, with_classes=True)
         return fake_logits, class_logits[len(x_hat):]
 
@@ -1788,15 +1818,17 @@ class SharpTerms:
             return {}
         real = x.detach().float().requires_grad_(self.r1 > 0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            real_logits = self.disc(self.augment(real), y, with_classes=self.classify_weight > 0)
-            if self.classify_weight > 0:
-                real_logits, class_logits = real_logits[0], real_logits[1].float()
+            if self.classify_weight > 0 and not self.head_policy:
+                real_logits, class_logits = self.disc(self.augment(real), y, with_classes=True)
+            else:
+                real_logits = self.disc(self.augment(real), y)
+                class_logits = self.head_logits(real) if self.classify_weight > 0 else None
             fakes, labels = with_prior(x_hat, x_prior if self.prior else None, y)
             fake_logits = self.disc(self.augment(fakes.detach().float()), labels)
             loss = hinge_d_loss(real_logits, fake_logits)
             logs = {"disc_loss": loss.detach()}
             if self.classify_weight > 0:
-                class_loss = F.cross_entropy(class_logits, y)
+                class_loss = F.cross_entropy(class_logits.float(), y)
                 loss = loss + self.classify_weight * class_loss
                 logs.update(disc_class_loss=class_loss.detach(),
                             disc_class_acc=(class_logits.argmax(1) == y).float().mean())

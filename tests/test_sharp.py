@@ -126,7 +126,9 @@ def test_a_few_steps_on_the_perceptual_term_lower_it(net):
     ({"adversarial": 0.5, "disc_conditional": True}, "model.conditional"),
     ({"disc_classify": -1.0}, "loss.disc_classify"),
     ({"adversarial": 0.5, "disc_classify": 1.0}, "model.conditional=true"),
-    ({"adversarial": 0.0, "disc_classify": 1.0}, "loss.adversarial > 0")])
+    ({"adversarial": 0.0, "disc_classify": 1.0}, "loss.adversarial > 0"),
+    ({"disc_classify_aug": "hue,flip"}, "loss.disc_classify_aug"),
+    ({"adversarial": 0.5, "disc_classify_aug": "hue"}, "no head: set loss.disc_classify > 0")])
 def test_bad_loss_config_is_a_config_error(bad, match):
     with pytest.raises(run_vae.ConfigError, match=match):
         run_vae.load_config(None, {"loss": bad})
@@ -172,7 +174,7 @@ def test_r1_penalty_is_the_squared_gradient_norm():
     assert run_vae.r1_penalty(logits, real, grad_scale=1024.0).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+@pytest.mark.parametrize("policy", ["color", "hue", "translation", "cutout", "color,hue,translation,cutout"])
 def test_diff_augment_keeps_shape_and_range_and_passes_gradients(policy):
     torch.manual_seed(0)
     x = disc_images(8, 16).requires_grad_(True)
@@ -182,6 +184,23 @@ def test_diff_augment_keeps_shape_and_range_and_passes_gradients(policy):
     (y * torch.rand_like(y)).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert run_vae.diff_augment(x, "") is x
+
+
+def test_rotate_hue_turns_the_chroma_and_keeps_the_luma():
+    luma = torch.tensor([0.299, 0.587, 0.114])[:, None, None]
+    x = 0.4 + 0.2 * torch.rand(6, 3, 8, 8)  # muted colours: no turn leaves [0,1], so nothing is clamped
+    angles = (torch.rand(6) * 2 - 1) * torch.pi
+    turned = run_vae.rotate_hue(x, angles)
+    assert torch.allclose((turned * luma).sum(1), (x * luma).sum(1), atol=1e-5)
+    assert torch.allclose(run_vae.rotate_hue(turned, -angles), x, atol=1e-5)  # turning back restores it
+    assert torch.allclose(run_vae.rotate_hue(x, torch.zeros(6)), x, atol=1e-6)
+    assert not torch.allclose(turned, x, atol=1e-2)
+    grey = torch.full((6, 3, 8, 8), 0.3)
+    assert torch.allclose(run_vae.rotate_hue(grey, angles), grey, atol=1e-6)  # grey has no hue to turn
+    pink = torch.tensor([0.6, 0.4, 0.4])[None, :, None, None]
+    y = (pink * luma).sum(1, keepdim=True)
+    opposite = run_vae.rotate_hue(pink, torch.tensor([torch.pi]))  # half a turn: the colour opposite grey
+    assert torch.allclose(opposite, 2 * y - pink, atol=1e-5)
 
 
 def test_diff_augment_translation_shifts_whole_images_with_zero_fill():
@@ -311,6 +330,66 @@ def test_the_class_head_learns_the_labels_of_real_images_only(tmp_path):
     with torch.no_grad():
         assert torch.equal(sharp.disc.class_logits(real).argmax(1), y)
         assert torch.equal(sharp.disc.class_logits(fakes).argmax(1), 1 - y)  # it names what it sees
+
+
+def opposite_hue_discs(n=8):
+    """(images, labels): n pink discs on grey labelled 0, then the same discs in the opposite hue (cyan, the
+    same luma) labelled 1: only their hue tells the classes apart."""
+    size = 16
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    g = torch.Generator().manual_seed(0)
+    centres = 4 + 8 * torch.rand(n, 2, generator=g)
+    inside = ((xx - centres[:, 0, None, None]) ** 2 + (yy - centres[:, 1, None, None]) ** 2 < 16).float()[:, None]
+    pink = inside * torch.tensor([0.75, 0.3, 0.3])[:, None, None] + (1 - inside) * 0.5
+    cyan = run_vae.rotate_hue(pink, torch.full((n,), torch.pi))
+    return torch.cat([pink, cyan]), torch.tensor([0] * n + [1] * n)
+
+
+@pytest.mark.parametrize("head_aug", ["", "hue"])
+def test_a_class_head_on_hue_turned_images_cannot_name_classes_by_colour_alone(tmp_path, head_aug):
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(classify_config(tmp_path, disc_classify_aug=head_aug), "cpu", steps_per_epoch=10,
+                               num_classes=2)
+    real, y = opposite_hue_discs()
+    logs = [sharp.discriminator_step(real, real, step, y=y) for step in range(40)]
+    late_loss = sum(log["disc_class_loss"].item() for log in logs[-10:]) / 10
+    if head_aug:
+        assert late_loss > 0.65  # at chance (ln 2 = 0.69): 0.69-0.70 over seeds 0-3
+    else:
+        assert late_loss < 0.5 and logs[-1]["disc_class_acc"].item() == 1.0  # 0.39-0.41 over seeds 0-3
+
+
+@pytest.mark.parametrize("adv_prior", [False, True])
+def test_the_head_augmentation_reaches_the_class_head_only(tmp_path, adv_prior):
+    # with loss.diffaug off, the patch logits must be those of the plain images, the class logits those of
+    # hue-turned ones drawn from the global RNG: both players, with and without prior samples in the hinge
+    torch.manual_seed(0)
+    sharp = run_vae.SharpTerms(classify_config(tmp_path, disc_classify_aug="hue", adv_prior=adv_prior), "cpu",
+                               steps_per_epoch=10, num_classes=2)
+    sharp.disc.eval()  # spectral norm's power iteration frozen, so the values by hand are exact
+    real, y = red_and_blue_discs(2)
+    x_hat, x_prior = blur(real, 5), torch.rand(4, 3, 16, 16)
+    fakes = torch.cat([x_hat, x_prior]) if adv_prior else x_hat
+    with torch.no_grad():
+        torch.manual_seed(1)
+        g_class = F.cross_entropy(sharp.disc.class_logits(run_vae.diff_augment(x_prior, "hue")), y)
+        g_hinge = run_vae.hinge_g_loss(sharp.disc(fakes))
+        torch.manual_seed(2)
+        d_class = F.cross_entropy(sharp.disc.class_logits(run_vae.diff_augment(real, "hue")), y)
+        d_real = sharp.disc(real).mean()
+        # the draws do turn the hue: the head's verdicts on the plain images differ
+        assert abs(F.cross_entropy(sharp.disc.class_logits(x_prior), y) - g_class) > 1e-4
+        assert abs(F.cross_entropy(sharp.disc.class_logits(real), y) - d_class) > 1e-4
+    last_layer = torch.ones(1, requires_grad=True)
+    torch.manual_seed(1)
+    _, logs = sharp.generator_terms(real, x_hat, last_layer.sum(), last_layer, step=0,
+                                    x_prior=x_prior * last_layer, y=y)
+    assert logs["adv_class_loss"].item() == pytest.approx(g_class.item(), rel=1e-5)
+    assert logs["adv_g_loss"].item() == pytest.approx((g_hinge + 2.0 * g_class).item(), rel=1e-5)
+    torch.manual_seed(2)
+    logs = sharp.discriminator_step(real, x_hat, step=0, x_prior=x_prior, y=y)
+    assert logs["disc_class_loss"].item() == pytest.approx(d_class.item(), rel=1e-5)
+    assert logs["disc_real"].item() == pytest.approx(d_real.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("option", [{"disc_classify": 1.0}, {"disc_conditional": True, "disc_classify": 0.0}])
@@ -505,12 +584,13 @@ def test_generator_steps_lower_the_adversarial_term(tmp_path):
 @pytest.mark.parametrize("device, dtype", [
     ("cpu", torch.bfloat16),
     pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
-@pytest.mark.parametrize("classify", [0.0, 1.0])
+@pytest.mark.parametrize("classify", [0.0, 1.0, "hue"])  # "hue": a class head on hue-turned images
 def test_terms_run_under_autocast_with_the_vae(tmp_path, device, dtype, classify):
     torch.manual_seed(0)
     cfg = sharp_config(tmp_path, model={"conditional": True}, adversarial=0.5, r1=1.0, perceptual=0.1,
-                       diffaug="color,translation,cutout", perceptual_net="msssim" if not HAS_STLPIPS else "alex",
-                       disc_classify=classify)
+                       diffaug="color,hue,translation,cutout", perceptual_net="msssim" if not HAS_STLPIPS else "alex",
+                       disc_classify=1.0 if classify else 0.0,
+                       disc_classify_aug=classify if isinstance(classify, str) else "")
     sharp = run_vae.SharpTerms(cfg, device, steps_per_epoch=10, amp_dtype=dtype, num_classes=2)
     model = run_vae.VAE(16, 8, num_classes=2).to(device)
     x, y = disc_images(4).to(device), torch.tensor([0, 1, 0, 1], device=device)
@@ -569,6 +649,9 @@ def test_step_cost_counts_the_extra_networks():
     head = run_vae.sharp_step_cost({**conditional, "disc_classify": 1.0}, image_size=16, batch_size=2, steps=1,
                                    model={"conditional": True})
     assert head["gflop_per_image"] > projection["gflop_per_image"] > 0  # the prior samples' decoder and disc pass
+    hue = run_vae.sharp_step_cost({**conditional, "disc_classify": 1.0, "disc_classify_aug": "hue"}, image_size=16,
+                                  batch_size=2, steps=1, model={"conditional": True})
+    assert hue["gflop_per_image"] > head["gflop_per_image"]  # the head's own trunk pass on the real images
 
 
 def test_forward_with_prior_samples_decodes_standard_normal_z_beside_the_posterior():
@@ -657,11 +740,14 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
 
 
 @pytest.mark.parametrize("adv_prior, conditional, classify", [(False, False, 0.0), (True, False, 0.0),
-                                                               (True, True, 0.0), (False, True, 1.0)])
+                                                               (True, True, 0.0), (False, True, 1.0),
+                                                               (False, True, "hue")])
 def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior, conditional,
                                                                    classify):
+    # classify "hue": a class head whose inputs are hue-turned, random draws the resume must replay
     loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior, "disc_conditional": conditional,
-            "disc_classify": classify}
+            "disc_classify": 1.0 if classify else 0.0,
+            "disc_classify_aug": classify if isinstance(classify, str) else ""}
     model = {"latent_dim": 8, "conditional": conditional}
     full = tiny_config(tmp_path, image_folder, run={"name": "full"}, train={"epochs": 3}, model=model, loss=loss)
     part = tiny_config(tmp_path, image_folder, run={"name": "part"}, train={"epochs": 3}, model=model, loss=loss)
