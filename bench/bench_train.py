@@ -569,7 +569,8 @@ def bench_ddp(args, processes):
 # (loss section, model section) of each measured step: the loss recipes with the default decoder, the
 # resize decoder (model.upsample) plain and under the adversarial term, and the variants of the adversarial
 # term with prior samples judged too (decoders included) of docs/results.md "Sharp samples", and the
-# conditional resize recipe with the projection discriminator and its class head (4 classes)
+# conditional resize recipe with the projection discriminator and its class head (4 classes), also with
+# the head's inputs hue-turned (its own trunk passes)
 WITH_PRIOR = {**run_vae.LOSS_RECIPES["adversarial"], "adv_prior": True}
 RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()},
            "plain, resize decoder": ({}, {"upsample": "resize"}),
@@ -582,6 +583,10 @@ RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()}
            "soft_intro, res blocks": (run_vae.LOSS_RECIPES["soft_intro"], {"final_conv": True, "res_blocks": 1}),
            "adversarial, resize, projection + class head": (
                {**run_vae.LOSS_RECIPES["adversarial"], "disc_conditional": True, "disc_classify": 1.0},
+               {"upsample": "resize", "conditional": True, "encoder_label": False}),
+           "adversarial, resize, projection + class head on hue-turned images": (
+               {**run_vae.LOSS_RECIPES["adversarial"], "disc_conditional": True, "disc_classify": 1.0,
+                "disc_classify_aug": "hue"},
                {"upsample": "resize", "conditional": True, "encoder_label": False})}
 
 

@@ -76,7 +76,8 @@ def test_recipe_costs_count_the_extra_networks():
     assert set(fig) == {"plain", "perceptual", "adversarial", "both", "soft_intro", "plain, resize decoder",
                         "adversarial, resize decoder", "adv_prior", "adv_prior, antialiased disc",
                         "adv_prior, res blocks", "adv_prior, res, bilinear", "adv_prior, res, noise",
-                        "soft_intro, res blocks", "adversarial, resize, projection + class head"}
+                        "soft_intro, res blocks", "adversarial, resize, projection + class head",
+                        "adversarial, resize, projection + class head on hue-turned images"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
     assert fig["both"]["gflop_per_image"] > fig["perceptual"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
     assert fig["adversarial"]["gflop_per_image"] > fig["plain"]["gflop_per_image"]
@@ -102,3 +103,6 @@ def test_recipe_costs_count_the_extra_networks():
     # passes; test_sharp's step-cost test tells them from the conditional model's own extra inputs)
     head = fig["adversarial, resize, projection + class head"]
     assert head["gflop_per_image"] > adversarial_resize["gflop_per_image"]
+    # hue-turned inputs give the head its own trunk pass on the real images
+    hue = fig["adversarial, resize, projection + class head on hue-turned images"]
+    assert hue["gflop_per_image"] > head["gflop_per_image"]
