@@ -140,7 +140,8 @@ DEFAULTS = {
         "disc_antialias": False,  # the discriminator halves its resolution by a 3x3 conv and a [1,2,1] blur with
                                   # stride 2 (anti-aliased pooling) instead of stride-2 4x4 convs, whose gradient to
                                   # the decoder is a period-2 pattern the decoder can learn to draw
-        "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on)
+        "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on).
+                                  # gamma 1 left the unaugmented apples discriminator at chance (docs/results.md)
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
