@@ -141,7 +141,8 @@ DEFAULTS = {
                                   # stride 2 (anti-aliased pooling) instead of stride-2 4x4 convs, whose gradient to
                                   # the decoder is a period-2 pattern the decoder can learn to draw
         "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on).
-                                  # gamma 1 left the unaugmented apples discriminator at chance (docs/results.md)
+                                  # gamma 1 flattened the unaugmented apples discriminator: equal logits on real and
+                                  # fake, so it taught the decoder nothing (docs/results.md "Sharp samples")
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
