@@ -14,7 +14,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py train.beta=0.25 --json           # any run_vae override; last line is JSON
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt    # score a finished run, no training
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
-    python bench/quality.py --standard-prior                 # + the same noise through N(0, I), not the fitted prior
+    python bench/quality.py --standard-prior                 # + the same noise through N(0, I): samples_standard.png
     python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down, samples_t0.7.png, ...
 
 A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
@@ -63,7 +63,7 @@ COLUMNS = [("fid", "FID", 8, ".2f"), ("fd_eff", "FD_eff", 8, ".2f"), ("kid", "KI
            ("coverage", "cover", 6, ".3f"), ("class_acc_real", "cls real", 8, ".3f"),
            ("class_acc_gen", "cls gen", 7, ".3f"), ("num_generated", "N gen", 6, "d"), ("num_real", "N real", 6, "d"),
            ("epochs", "epochs", 6, "d"), ("train_s", "train s", 8, ".1f"), ("score_s", "score s", 7, ".1f")]
-TEMPERED = ("fid", "fd_eff", "precision", "recall", "class_acc_gen")  # what --temperatures reports
+TEMPERED = ("fid", "fd_eff", "precision", "recall", "class_acc_gen")  # --temperatures and --standard-prior report
 SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "coverage", "pr_num",
           "class_acc_real", "class_acc_gen")
 
@@ -107,8 +107,9 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
         fitted = model.prior_mean.clone(), model.prior_scale_tril.clone()
         model.reset_prior()
         standard = scorer.score(model)
-        row.update({f"standard_prior_{k}": standard[k] for k in ("fid", "fd_eff", "precision", "recall")
-                    if k in standard})
+        row.update({f"standard_prior_{k}": standard[k] for k in TEMPERED if k in standard})
+        row["samples_standard"] = save_samples(model, data.classes, cfg["run"]["seed"],
+                                               Path(checkpoint).with_name("samples_standard.png"))
         model.set_prior(*fitted)
     row["samples"] = save_samples(model, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name("samples.png"))
     for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics

@@ -49,6 +49,10 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     assert row["pr_num"] == 10 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "coverage", "class_acc_gen"))
     assert 0 <= row["class_acc_real"] <= 1 and "standard_prior_fd_eff" in row
     assert (out / "q" / "samples.png").is_file() and list((out.parent / "cache").glob("fid_real_*.pt"))
+    # N(0, I) gets its own class probe and grid: a label-blind decoder can look so only under one prior
+    assert 0 <= row["standard_prior_class_acc_gen"] <= 1
+    standard_grid = out / "q" / "samples_standard.png"
+    assert standard_grid.is_file() and standard_grid.read_bytes() != (out / "q" / "samples.png").read_bytes()
     # the same weights scored again from the checkpoint: same z, same real set, same FID
     again = quality.measure(str(config), str(images), [], epochs=99, num_samples=12, num_real=10,
                             name="ignored", out_dir=str(out), checkpoint=str(out / "q" / "last.pt"), recon=True)
