@@ -146,6 +146,8 @@ def format_table(rows):
         extras = [f"{label} {r[key]:.2f}" for key, label in
                   [("recon_fid", "reconstructions: FID"), ("standard_prior_fid", "N(0, I) prior: FID"),
                    ("standard_prior_fd_eff", "FD_eff")] if key in r]
+        if "standard_prior_class_acc_gen" in r:  # N(0, I) samples may follow the label where fitted ones do not
+            extras.append(f"class acc. {r['standard_prior_class_acc_gen']:.3f}")
         lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
         for key in (k for k in r if k.startswith("temperature_")):
             scores = ", ".join(f"{name} {r[key][name]:.3f}" for name in TEMPERED if name in r[key])
@@ -196,7 +198,8 @@ def main():
     p.add_argument("--recon", action="store_true",
                    help="also score reconstructions of --num-samples training images (the decoder without the prior)")
     p.add_argument("--standard-prior", action="store_true",
-                   help="also score samples from N(0, I) instead of the model's fitted prior")
+                   help="also score samples from N(0, I) instead of the model's fitted prior "
+                        "(their grid: samples_standard.png)")
     p.add_argument("--temperatures", default="",
                    help="comma-separated: also score the same noise with the prior's spread scaled by each")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

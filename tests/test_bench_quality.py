@@ -49,7 +49,8 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     assert row["pr_num"] == 10 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "coverage", "class_acc_gen"))
     assert 0 <= row["class_acc_real"] <= 1 and "standard_prior_fd_eff" in row
     assert (out / "q" / "samples.png").is_file() and list((out.parent / "cache").glob("fid_real_*.pt"))
-    # N(0, I) gets its own class probe and grid: a label-blind decoder can look so only under one prior
+    # a decoder can follow the label under one prior and not the other, so N(0, I) gets its own class probe
+    # and grid
     assert 0 <= row["standard_prior_class_acc_gen"] <= 1
     standard_grid = out / "q" / "samples_standard.png"
     assert standard_grid.is_file() and standard_grid.read_bytes() != (out / "q" / "samples.png").read_bytes()
@@ -63,6 +64,7 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     assert table[0].split()[:3] == ["variant", "FID", "FD_eff"] and len(table) == 3
     assert f"{row['fid']:.2f}" in table[1] and f"{row['fd_eff']:.2f}" in table[1]
     assert " - " in table[2]  # a metric a row lacks
+    assert f"class acc. {row['standard_prior_class_acc_gen']:.3f}" in table[1] and "class acc." not in table[2]
     # reconstructions: a separate score of the same weights, as reproducible as the sample FID
     assert row["recon_fid"] > 0 and row["recon_fid"] != pytest.approx(row["fid"], rel=1e-3)
     assert again["recon_fid"] == pytest.approx(row["recon_fid"], rel=1e-6)
