@@ -143,11 +143,10 @@ def format_table(rows):
     for r in rows:
         cells = [f"{r['variant']:<10}"] + [f"{r[key]:{width}{fmt}}" if r.get(key) is not None else f"{'-':>{width}}"
                                            for key, _, width, fmt in COLUMNS]
-        extras = [f"{label} {r[key]:.2f}" for key, label in
-                  [("recon_fid", "reconstructions: FID"), ("standard_prior_fid", "N(0, I) prior: FID"),
-                   ("standard_prior_fd_eff", "FD_eff")] if key in r]
-        if "standard_prior_class_acc_gen" in r:  # N(0, I) samples may follow the label where fitted ones do not
-            extras.append(f"class acc. {r['standard_prior_class_acc_gen']:.3f}")
+        extras = [f"{label} {r[key]:{fmt}}" for key, label, fmt in
+                  [("recon_fid", "reconstructions: FID", ".2f"), ("standard_prior_fid", "N(0, I) prior: FID", ".2f"),
+                   ("standard_prior_fd_eff", "FD_eff", ".2f"), ("standard_prior_class_acc_gen", "class acc.", ".3f")]
+                  if key in r]
         lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
         for key in (k for k in r if k.startswith("temperature_")):
             scores = ", ".join(f"{name} {r[key][name]:.3f}" for name in TEMPERED if name in r[key])
