@@ -140,9 +140,9 @@ DEFAULTS = {
         "disc_antialias": False,  # the discriminator halves its resolution by a 3x3 conv and a [1,2,1] blur with
                                   # stride 2 (anti-aliased pooling) instead of stride-2 4x4 convs, whose gradient to
                                   # the decoder is a period-2 pattern the decoder can learn to draw
-        "r1": 0.0,                # R1 gradient penalty weight gamma on real images; 0 = off (spectral norm is always on).
-                                  # gamma 1 flattened the unaugmented apples discriminator: equal logits on real and
-                                  # fake, so it taught the decoder nothing (docs/results.md "Sharp samples")
+        "r1": 0.0,                # R1 gradient penalty weight gamma on real images, on each image's mean patch logit;
+                                  # 0 = off (spectral norm is always on). Untested on the protocols at this scale
+                                  # (docs/results.md "Sharp samples")
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
@@ -1612,9 +1612,12 @@ def hinge_g_loss(fake_logits):
 
 
 def r1_penalty(real_logits, real, grad_scale=1.0):
-    """E ||d logit / d real||^2 (Mescheder et al. 2018), per image summed over the logit map; `real` must
-    require grad. Under fp16 the logits are scaled by `grad_scale` first so the gradient cannot underflow."""
-    (grad,) = torch.autograd.grad(real_logits.float().sum() * grad_scale, real, create_graph=True)
+    """E ||d logit / d real||^2 (Mescheder et al. 2018); `real` must require grad. An image's logit is the
+    mean of its patch logits, as the hinge loss weighs them, so gamma means what it means for a one-logit
+    discriminator whatever the map's size (a sum would make the penalty grow with its square). Under fp16
+    the logits are scaled by `grad_scale` first so the gradient cannot underflow."""
+    image_logits = real_logits.float().flatten(1).mean(1) if real_logits.dim() > 1 else real_logits.float()
+    (grad,) = torch.autograd.grad(image_logits.sum() * grad_scale, real, create_graph=True)
     return (grad.float() / grad_scale).pow(2).flatten(1).sum(1).mean()
 
 

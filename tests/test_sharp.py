@@ -174,6 +174,16 @@ def test_r1_penalty_is_the_squared_gradient_norm():
     assert run_vae.r1_penalty(logits, real, grad_scale=1024.0).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("side", [1, 2, 8])
+def test_r1_penalty_does_not_grow_with_the_patch_map(side):
+    # a patch discriminator whose every patch logit is the same linear function of the image: the penalty
+    # is that of one logit per image, whatever the map's size, so gamma keeps its meaning
+    w = torch.randn(3, 4, 4)
+    real = torch.rand(2, 3, 4, 4, requires_grad=True)
+    logits = (real * w).sum((1, 2, 3))[:, None, None, None].expand(-1, 1, side, side)
+    assert run_vae.r1_penalty(logits, real).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["color", "hue", "translation", "cutout", "color,hue,translation,cutout"])
 def test_diff_augment_keeps_shape_and_range_and_passes_gradients(policy):
     torch.manual_seed(0)
