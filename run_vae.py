@@ -141,8 +141,8 @@ DEFAULTS = {
                                   # stride 2 (anti-aliased pooling) instead of stride-2 4x4 convs, whose gradient to
                                   # the decoder is a period-2 pattern the decoder can learn to draw
         "r1": 0.0,                # R1 gradient penalty weight gamma on real images, on each image's mean patch logit;
-                                  # 0 = off (spectral norm is always on). Untested on the protocols at this scale
-                                  # (docs/results.md "Sharp samples")
+                                  # 0 = off (spectral norm is always on). gamma 4096 and 410 flattened the unaugmented
+                                  # apples discriminator; smaller ones are untested (docs/results.md "Sharp samples")
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
@@ -1614,8 +1614,9 @@ def hinge_g_loss(fake_logits):
 def r1_penalty(real_logits, real, grad_scale=1.0):
     """E ||d logit / d real||^2 (Mescheder et al. 2018); `real` must require grad. An image's logit is the
     mean of its patch logits, as the hinge loss weighs them, so gamma means what it means for a one-logit
-    discriminator whatever the map's size (a sum would make the penalty grow with its square). Under fp16
-    the logits are scaled by `grad_scale` first so the gradient cannot underflow."""
+    discriminator whatever the map's size (a sum would make the penalty grow with the square of the
+    number of patches). Under fp16 the logits are scaled by `grad_scale` first so the gradient cannot
+    underflow."""
     image_logits = real_logits.float().flatten(1).mean(1) if real_logits.dim() > 1 else real_logits.float()
     (grad,) = torch.autograd.grad(image_logits.sum() * grad_scale, real, create_graph=True)
     return (grad.float() / grad_scale).pow(2).flatten(1).sum(1).mean()

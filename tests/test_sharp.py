@@ -176,12 +176,13 @@ def test_r1_penalty_is_the_squared_gradient_norm():
 
 @pytest.mark.parametrize("side", [1, 2, 8])
 def test_r1_penalty_does_not_grow_with_the_patch_map(side):
-    # a patch discriminator whose every patch logit is the same linear function of the image: the penalty
-    # is that of one logit per image, whatever the map's size, so gamma keeps its meaning
-    w = torch.randn(3, 4, 4)
+    # patch (i, j) of a linear discriminator has the logit <w_ij, image>: the image's logit is their mean,
+    # whose gradient is the mean of the w_ij, whatever the map's size, so gamma keeps its meaning
+    w = torch.randn(side, side, 3, 4, 4)
     real = torch.rand(2, 3, 4, 4, requires_grad=True)
-    logits = (real * w).sum((1, 2, 3))[:, None, None, None].expand(-1, 1, side, side)
-    assert run_vae.r1_penalty(logits, real).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+    logits = torch.einsum("bchw,ijchw->bij", real, w)[:, None]
+    expected = w.mean((0, 1)).pow(2).sum().item()
+    assert run_vae.r1_penalty(logits, real).item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["color", "hue", "translation", "cutout", "color,hue,translation,cutout"])
