@@ -1617,7 +1617,7 @@ def r1_penalty(real_logits, real, grad_scale=1.0):
     discriminator whatever the map's size (a sum would make the penalty grow with the square of the
     number of patches). Under fp16 the logits are scaled by `grad_scale` first so the gradient cannot
     underflow."""
-    image_logits = real_logits.float().flatten(1).mean(1) if real_logits.dim() > 1 else real_logits.float()
+    image_logits = real_logits.float().reshape(len(real_logits), -1).mean(1)  # one logit per image already: itself
     (grad,) = torch.autograd.grad(image_logits.sum() * grad_scale, real, create_graph=True)
     return (grad.float() / grad_scale).pow(2).flatten(1).sum(1).mean()
 
