@@ -63,6 +63,9 @@ COLUMNS = [("fid", "FID", 8, ".2f"), ("fd_eff", "FD_eff", 8, ".2f"), ("kid", "KI
            ("coverage", "cover", 6, ".3f"), ("class_acc_real", "cls real", 8, ".3f"),
            ("class_acc_gen", "cls gen", 7, ".3f"), ("num_generated", "N gen", 6, "d"), ("num_real", "N real", 6, "d"),
            ("epochs", "epochs", 6, "d"), ("train_s", "train s", 8, ".1f"), ("score_s", "score s", 7, ".1f")]
+# scores of the same weights another way, printed after the row: (row key, label, number format)
+EXTRAS = [("recon_fid", "reconstructions: FID", ".2f"), ("standard_prior_fid", "N(0, I) prior: FID", ".2f"),
+          ("standard_prior_fd_eff", "FD_eff", ".2f"), ("standard_prior_class_acc_gen", "class acc.", ".3f")]
 TEMPERED = ("fid", "fd_eff", "precision", "recall", "class_acc_gen")  # --temperatures and --standard-prior report
 SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "coverage", "pr_num",
           "class_acc_real", "class_acc_gen")
@@ -103,19 +106,20 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     row["extractor"] = row["fid_extractor"]
     if recon:
         row["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"])
+    def grid(file, temperature=1.0):  # every grid of one run: the same seeded noise, beside last.pt
+        return save_samples(model, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name(file), temperature)
+
     if standard_prior:  # the same noise decoded through N(0, I): what the fitted prior adds
         fitted = model.prior_mean.clone(), model.prior_scale_tril.clone()
         model.reset_prior()
         standard = scorer.score(model)
         row.update({f"standard_prior_{k}": standard[k] for k in TEMPERED if k in standard})
-        row["samples_standard"] = save_samples(model, data.classes, cfg["run"]["seed"],
-                                               Path(checkpoint).with_name("samples_standard.png"))
+        row["samples_standard"] = grid("samples_standard.png")
         model.set_prior(*fitted)
-    row["samples"] = save_samples(model, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name("samples.png"))
+    row["samples"] = grid("samples.png")
     for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics
         row[f"temperature_{t:g}"] = {k: v for k, v in scorer.score(model, temperature=t).items() if k in TEMPERED}
-        row[f"samples_t{t:g}"] = save_samples(model, data.classes, cfg["run"]["seed"],
-                                              Path(checkpoint).with_name(f"samples_t{t:g}.png"), t)
+        row[f"samples_t{t:g}"] = grid(f"samples_t{t:g}.png", t)
     return row
 
 
@@ -143,10 +147,7 @@ def format_table(rows):
     for r in rows:
         cells = [f"{r['variant']:<10}"] + [f"{r[key]:{width}{fmt}}" if r.get(key) is not None else f"{'-':>{width}}"
                                            for key, _, width, fmt in COLUMNS]
-        extras = [f"{label} {r[key]:{fmt}}" for key, label, fmt in
-                  [("recon_fid", "reconstructions: FID", ".2f"), ("standard_prior_fid", "N(0, I) prior: FID", ".2f"),
-                   ("standard_prior_fd_eff", "FD_eff", ".2f"), ("standard_prior_class_acc_gen", "class acc.", ".3f")]
-                  if key in r]
+        extras = [f"{label} {r[key]:{fmt}}" for key, label, fmt in EXTRAS if key in r]
         lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
         for key in (k for k in r if k.startswith("temperature_")):
             scores = ", ".join(f"{name} {r[key][name]:.3f}" for name in TEMPERED if name in r[key])
