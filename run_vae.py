@@ -142,7 +142,7 @@ DEFAULTS = {
                                   # the decoder is a period-2 pattern the decoder can learn to draw
         "r1": 0.0,                # R1 gradient penalty weight gamma on real images, on each image's mean patch logit;
                                   # 0 = off (spectral norm is always on). gamma 4096 and 410 flattened the unaugmented
-                                  # apples discriminator; smaller ones are untested (docs/results.md "Sharp samples")
+                                  # apples discriminator; gamma 1 tied the run without it (docs/results.md "Sharp samples")
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
