@@ -72,6 +72,10 @@ DEFAULTS = {
         "conditional": False,     # CVAE: one-hot class label fed to encoder and decoder
         "prior": "fitted",        # what samples are drawn from: fitted (a Gaussian per class fitted to the
                                   # training images' posteriors, docs/how_it_works.md "Prior") | standard N(0, I)
+        "prior_components": 1,    # Gaussians per class in the fitted prior: 1 = the posteriors' overall mean and
+                                  # covariance; more = a mixture fitted to the posterior means by EM (scikit-learn),
+                                  # each widened by the mean posterior variance: samples stay near the modes the
+                                  # training images were encoded to. The gallery draws from the overall Gaussian
         "upsample": "transposed", # how the decoder doubles its resolution: transposed (4x4 stride-2 transposed
                                   # convs, the original design) | resize (nearest-neighbour x2, then a 3x3 conv:
                                   # every output pixel sees the same number of weights, the usual cure for
@@ -314,6 +318,7 @@ RANGES = {
     "data.val_fraction": (0.0, 1.0, True),
     "model.latent_dim": (1, None, True),
     "model.res_blocks": (0, 9, True),
+    "model.prior_components": (1, 257, True),
     "train.epochs": (1, None, True),
     "train.batch_size": (1, None, True),
     "train.lr": (0.0, None, False),
@@ -721,8 +726,9 @@ def mean_gradients_over_ranks(params, world):
 def broadcast_prior(world, *models):
     if world.size > 1:
         for model in models:
-            dist.broadcast(model.prior_mean, src=0)
-            dist.broadcast(model.prior_scale_tril, src=0)
+            for name, buffer in model.named_buffers():
+                if name.startswith("prior_"):
+                    dist.broadcast(buffer, src=0)
 
 # ----------------------------------------------------------------------------------------------------
 # data
@@ -1234,7 +1240,7 @@ class VAE(nn.Module):
     sees the label as extra input planes unless encoder_label is off."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
-                 res_blocks=0, noise=False, class_norm=False, encoder_label=True):
+                 res_blocks=0, noise=False, class_norm=False, encoder_label=True, prior_components=1):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         assert num_classes or not class_norm, "class_norm needs a conditional model"
@@ -1270,6 +1276,14 @@ class VAE(nn.Module):
         k = max(num_classes, 1)
         self.register_buffer("prior_mean", torch.zeros(k, latent_dim))
         self.register_buffer("prior_scale_tril", torch.eye(latent_dim).repeat(k, 1, 1))
+        # With prior_components > 1, a mixture per class as well: samples (sample(), sample_grid()) come from
+        # it; the gallery, which works in the coordinates of one Gaussian per class, keeps the buffers above.
+        self.prior_components = prior_components
+        if prior_components > 1:
+            m = prior_components
+            self.register_buffer("prior_mix_weight", torch.full((k, m), 1 / m))
+            self.register_buffer("prior_mix_mean", torch.zeros(k, m, latent_dim))
+            self.register_buffer("prior_mix_scale_tril", torch.eye(latent_dim).repeat(k, m, 1, 1))
 
     def one_hot(self, y):
         """Class indices -> one-hot; float rows pass through, so classes can be blended (ui.py)."""
@@ -1309,31 +1323,65 @@ class VAE(nn.Module):
         mu, _ = self.encode(x, y)
         return self.decode(mu, y)
 
-    def prior_z(self, eps, y=None):
+    def prior_z(self, eps, y=None, pick=None):
         """Map standard normal noise to the prior: z = mean_y + L_y eps (eps itself while the prior is
-        N(0, I)). Float rows of `y` blend the classes' Gaussians, as decode() blends their labels."""
+        N(0, I)). Float rows of `y` blend the classes' Gaussians, as decode() blends their labels. With a
+        mixture prior, `pick` (one uniform draw in [0, 1) per row) chooses each class's component; without
+        it every class's overall Gaussian is used."""
         if self.num_classes and y is None:
             raise ValueError("a conditional model needs class labels to sample")
         eps = eps.to(self.prior_mean)
-        z = self.prior_mean + torch.einsum("kij,nj->nki", self.prior_scale_tril, eps)  # n x classes x dims
+        if pick is not None and self.prior_components > 1:
+            mean, tril = self.mixture_components(pick.to(eps))  # classes x n x dims (x dims)
+            z = mean.transpose(0, 1) + torch.einsum("knij,nj->nki", tril, eps)
+        else:
+            z = self.prior_mean + torch.einsum("kij,nj->nki", self.prior_scale_tril, eps)  # n x classes x dims
         weights = self.one_hot(y.to(eps.device)) if self.num_classes else torch.ones(len(eps), 1, device=eps.device)
         return (weights[:, :, None] * z).sum(1)
+
+    def mixture_components(self, pick):
+        """Each class's component for each uniform draw (inverse CDF of the mixture weights): their means
+        (classes x n x dims) and Cholesky factors (classes x n x dims x dims)."""
+        cdf = self.prior_mix_weight.cumsum(1)
+        index = torch.searchsorted(cdf, pick.expand(len(cdf), -1).contiguous() * cdf[:, -1:], right=True)
+        index = index.clamp(max=self.prior_components - 1)
+        rows = torch.arange(len(cdf), device=pick.device)[:, None]
+        return self.prior_mix_mean[rows, index], self.prior_mix_scale_tril[rows, index]
+
+    def draw_pick(self, n, generator=None):
+        """The uniform draws prior_z(pick=) takes, or None when the prior has one Gaussian per class: the same
+        generator then draws exactly what it drew before mixtures existed."""
+        return torch.rand(n, generator=generator) if self.prior_components > 1 else None
 
     def set_prior(self, mean, scale_tril):
         self.prior_mean.copy_(mean)
         self.prior_scale_tril.copy_(scale_tril)
 
+    def prior_state(self):
+        """Copies of every prior buffer (a mixture's too), for load_prior()."""
+        return {name: b.clone() for name, b in self.named_buffers() if name.startswith("prior_")}
+
+    def load_prior(self, state):
+        for name, b in self.named_buffers():
+            if name.startswith("prior_"):
+                b.copy_(state[name])
+
     def reset_prior(self):
         """Back to N(0, I), the prior the KL term is computed against."""
         self.set_prior(torch.zeros_like(self.prior_mean), torch.eye(self.latent_dim).expand_as(self.prior_scale_tril))
+        if self.prior_components > 1:
+            self.prior_mix_weight.fill_(1 / self.prior_components)
+            self.prior_mix_mean.zero_()
+            self.prior_mix_scale_tril.copy_(torch.eye(self.latent_dim).expand_as(self.prior_mix_scale_tril))
 
     @torch.no_grad()
     def sample(self, n, y=None, temperature=1.0, generator=None):
         """Decode z from the prior, its spread scaled by `temperature`; `y` are class indices for a CVAE."""
         device = next(self.parameters()).device
         eps = torch.randn(n, self.latent_dim, generator=generator, device="cpu").to(device) * temperature
+        pick = self.draw_pick(n, generator)
         y = None if y is None else y.to(device)
-        return self.decode(self.prior_z(eps, y), y)
+        return self.decode(self.prior_z(eps, y, pick), y)
 
 
 def reparameterize(mu, logvar):
@@ -1348,7 +1396,7 @@ def build_model(cfg, num_classes):
         raise ConfigError("model.class_norm needs class labels: set model.conditional=true and train on a folder "
                           "with one subfolder per class, or set model.class_norm=false")
     return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes, m["upsample"], m["final_conv"],
-               m["res_blocks"], m["noise"], m["class_norm"], m["encoder_label"])
+               m["res_blocks"], m["noise"], m["class_norm"], m["encoder_label"], m["prior_components"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule
@@ -2540,12 +2588,14 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
 
     Why: with beta < 1 the posteriors do not fill N(0, I). Latent dims are correlated and their spread
     ranges from 0.7 to 1.75 (apples), so z ~ N(0, I) lands where no training image was encoded and
-    decodes to white specks (docs/how_it_works.md "Prior"). Classes without images keep N(0, I)."""
+    decodes to white specks (docs/how_it_works.md "Prior"). Classes without images keep N(0, I).
+    With model.prior_components > 1 each class also gets a mixture (fit_prior_mixture)."""
     model.eval()
     k, d = model.prior_mean.shape
     count = torch.zeros(k, dtype=torch.float64)
     sum_mu, sum_var = torch.zeros(k, d, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
     sum_outer = torch.zeros(k, d, d, dtype=torch.float64)
+    codes, groups = [], []  # the posterior means, kept for a mixture
     for i in range(0, len(data), batch_size):
         x = to_float(data.images[i:i + batch_size]).to(device)
         y = data.labels[i:i + batch_size].to(device)
@@ -2561,6 +2611,9 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
             sum_mu[c] += m.sum(0)
             sum_var[c] += v.sum(0)
             sum_outer[c] += m.T @ m
+        if model.prior_components > 1:
+            codes.append(mu)
+            groups.append(group)
     mean = torch.zeros(k, d, dtype=torch.float64)
     scale_tril = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
     for c in torch.nonzero(count).flatten().tolist():
@@ -2568,6 +2621,35 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
         cov = sum_outer[c] / count[c] - torch.outer(mean[c], mean[c]) + torch.diag(sum_var[c] / count[c])
         scale_tril[c] = torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64))
     model.set_prior(mean.float(), scale_tril.float())
+    if model.prior_components > 1:
+        fit_prior_mixture(model, torch.cat(codes), torch.cat(groups), sum_var / count.clamp_min(1)[:, None])
+
+
+def fit_prior_mixture(model, codes, groups, mean_var):
+    """Per class, a Gaussian mixture fitted by EM to the posterior means `codes` of its images (`groups`: their
+    classes), each component's covariance widened by the class's mean posterior variance `mean_var`, as the
+    single Gaussian is. A class with fewer images than components gets one component per image (the rest
+    weigh 0); a class without images keeps N(0, I). Seeded, so a refit of the same weights gives the same prior."""
+    from sklearn.mixture import GaussianMixture
+    k, m, d = *model.prior_mix_weight.shape, model.latent_dim
+    weight, mean = torch.zeros(k, m, dtype=torch.float64), torch.zeros(k, m, d, dtype=torch.float64)
+    scale_tril = torch.eye(d, dtype=torch.float64).repeat(k, m, 1, 1)
+    weight[:, 0] = 1.0
+    for c in groups.unique().tolist():
+        z = codes[groups == c]
+        n = min(m, len(z))
+        if n < m:  # EM needs more images than components: each image is its own component
+            w, mu, cov = torch.full((n,), 1 / n, dtype=torch.float64), z, torch.zeros(n, d, d, dtype=torch.float64)
+        else:
+            gm = GaussianMixture(m, covariance_type="full", reg_covar=1e-6, random_state=0).fit(z.numpy())
+            w, mu, cov = (torch.from_numpy(a) for a in (gm.weights_, gm.means_, gm.covariances_))
+        weight[c] = 0.0
+        weight[c, :n], mean[c, :n] = w, mu
+        cov = cov + torch.diag(mean_var[c]) + 1e-6 * torch.eye(d, dtype=torch.float64)
+        scale_tril[c, :n] = torch.linalg.cholesky(cov)
+    model.prior_mix_weight.copy_(weight)
+    model.prior_mix_mean.copy_(mean)
+    model.prior_mix_scale_tril.copy_(scale_tril)
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
@@ -3120,7 +3202,7 @@ def fit_run_prior(run):
     with timed(run, "prior_fit"):
         fit_prior(run.sampling_model, run.train_set, run.device, amp_dtype=run.amp_dtype)
     if run.sampling_model is not run.model:  # EMA averages buffers too: keep both at the fit
-        run.model.set_prior(run.sampling_model.prior_mean, run.sampling_model.prior_scale_tril)
+        run.model.load_prior(run.sampling_model.prior_state())
     run.prior_epoch = run.epoch
     run.timings["prior_fits"] += 1
 
@@ -3381,9 +3463,11 @@ def sample_grid(model, classes, per_class, seed, temperature=1.0):
         if model.num_classes:
             eps = torch.randn(per_class, model.latent_dim, generator=g)
             eps = eps.repeat(model.num_classes, 1) * temperature
+            pick = model.draw_pick(per_class, g)
+            pick = None if pick is None else pick.repeat(model.num_classes)
             device = next(model.parameters()).device
             y = torch.arange(model.num_classes).repeat_interleave(per_class).to(device)
-            return model.decode(model.prior_z(eps.to(device), y), y), per_class, list(classes)
+            return model.decode(model.prior_z(eps.to(device), y, pick), y), per_class, list(classes)
         n = per_class * max(1, len(classes))
         return model.sample(n, temperature=temperature, generator=g), per_class, None
 

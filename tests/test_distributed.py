@@ -148,7 +148,7 @@ def curve(run_dir, tag="train/loss"):
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, and a
-    discriminator with R1, DiffAugment and prior samples), the full run again ending after epoch 1, a
+    discriminator with R1, DiffAugment and prior samples, and a mixture prior), the full run again ending after epoch 1, a
     Soft-IntroVAE run (its updates bypass the wrapper), and the full run once more, stopped in epoch 2 by a
     Ctrl-C sent to torchrun (last: torchrun shuts down after it).
     Second: the --resume of the two full runs cut short, and the --resume under torchrun of a run one
@@ -156,7 +156,7 @@ def group(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     images = make_image_folder(tmp / "images")  # 36 images: 29 train (3 steps of 8 an epoch), 7 validation
     (tmp / "dumps").mkdir()
-    full = {"data": {"hflip": True}, "model": {"conditional": True}, "train": {"ema": 0.9},
+    full = {"data": {"hflip": True}, "model": {"conditional": True, "prior_components": 2}, "train": {"ema": 0.9},
             "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6},
             "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0, "adv_prior": True}}
     cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
@@ -189,6 +189,8 @@ def test_both_ranks_end_with_the_same_weights_and_buffers(group):
         for key in ("model", "sampling", "disc"):  # sampling: the EMA weights of the full run
             assert_same_weights(a[key], b[key])
         assert a["model"]["prior_mean"].abs().sum() > 0  # fitted on rank 0 and sent: not N(0, I) anywhere
+    full = torch.load(group["tmp"] / "dumps" / "full_rank1.pt", weights_only=True)
+    assert full["model"]["prior_mix_mean"].abs().sum() > 0  # the full run's mixture prior reached rank 1 too
 
 
 def test_without_noise_the_loss_curve_equals_one_process_with_the_same_global_batch(group, tmp_path, monkeypatch):

@@ -351,6 +351,63 @@ def test_fitted_prior_matches_the_moments_of_the_aggregate_posterior():
     assert torch.allclose(torch.cov(draws.T), t0 @ t0.T, rtol=0.1, atol=0.05 * (t0 @ t0.T).diag().max())
 
 
+def test_mixture_prior_finds_the_modes_the_images_were_encoded_to():
+    from run_vae import ImageSet, fit_prior
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=2, num_classes=3, prior_components=2).eval()
+    # class 0: 30 images encoded near (-5, 0), 70 near (5, 0); class 1: one image; class 2: none
+    side = torch.tensor([0] * 30 + [1] * 70 + [1])
+    images = (side * 255).to(torch.uint8)[:, None, None, None].expand(-1, 3, 16, 16).contiguous()
+    labels = torch.tensor([0] * 100 + [1])
+    jitter = torch.randn(101, 2) * 0.3
+
+    def encode(x, y):  # a stand-in encoder: the pixel value says which mode, the posterior variance is 0.01
+        mu = torch.stack([x[:, 0, 0, 0] * 10 - 5, torch.zeros(len(x))], 1) + jitter[:len(x)]
+        return mu, torch.full_like(mu, 0.01).log()
+    model.encode = encode
+    fit_prior(model, ImageSet(images, labels, ["a", "b", "c"], []), "cpu", batch_size=101)
+    weight, mean = model.prior_mix_weight[0], model.prior_mix_mean[0]
+    left = mean[:, 0].argmin()
+    assert torch.allclose(weight[left], torch.tensor(0.3), atol=1e-4) and abs(mean[left, 0] + 5) < 0.2
+    assert torch.allclose(weight[1 - left], torch.tensor(0.7), atol=1e-4) and abs(mean[1 - left, 0] - 5) < 0.2
+    tril = model.prior_mix_scale_tril[0, left]
+    spread = torch.cov(jitter[:30].T, correction=0) + 0.01 * torch.eye(2)  # each mode widened by the posteriors
+    assert torch.allclose(tril @ tril.T, spread, atol=0.01)
+    # fewer images than components: one component on the image; no images: N(0, I)
+    assert torch.equal(model.prior_mix_weight[1], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(model.prior_mix_mean[1, 0], torch.tensor([5.0, 0.0]) + jitter[100], atol=1e-5)
+    assert torch.equal(model.prior_mix_weight[2], torch.tensor([1.0, 0.0]))
+    assert torch.equal(model.prior_mix_mean[2], torch.zeros(2, 2))
+    # samples follow the mixture, picks in proportion to the weights; the one Gaussian fills the gap between
+    eps, zeros = torch.randn(20000, 2), torch.zeros(20000, dtype=torch.long)
+    mixed = model.prior_z(eps, zeros, pick=torch.rand(20000))
+    assert abs((mixed[:, 0] > 0).float().mean() - 0.7) < 0.02
+    assert (mixed[:, 0].abs() < 2).float().mean() < 0.01
+    assert (model.prior_z(eps, zeros)[:, 0].abs() < 2).float().mean() > 0.2
+    # the overall Gaussian keeps the moments of all the posteriors
+    assert abs(model.prior_mean[0, 0] - 2.0) < 0.2
+
+
+def test_mixture_samples_are_seeded_and_reset_gives_standard_normal():
+    model = VAE(16, latent_dim=4, num_classes=2, prior_components=3).eval()
+    model.prior_mix_mean.normal_()
+    y = torch.tensor([0, 1, 1])
+    draw = lambda seed: model.sample(3, y, generator=torch.Generator().manual_seed(seed))
+    with run_vae.fixed_noise(0):
+        assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))
+    grid, per_class, _ = run_vae.sample_grid(model, ["a", "b"], 2, 0)
+    assert grid.shape == (4, 3, 16, 16) and per_class == 2
+    saved = model.prior_state()
+    model.reset_prior()
+    eps = torch.randn(5, 4)
+    assert torch.allclose(model.prior_z(eps, torch.tensor([0, 1, 0, 1, 1]), pick=torch.rand(5)), eps)
+    model.load_prior(saved)
+    assert torch.equal(model.prior_mix_mean, saved["prior_mix_mean"])
+    # one Gaussian per class draws from the generator exactly what it drew before mixtures existed
+    single = VAE(16, latent_dim=4, num_classes=2).eval()
+    assert single.draw_pick(3) is None and "prior_mix_weight" not in single.prior_state()
+
+
 def test_unconditional_prior_is_one_gaussian_over_all_images():
     from run_vae import ImageSet, fit_prior
     torch.manual_seed(1)

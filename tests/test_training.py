@@ -283,6 +283,30 @@ def test_checkpoints_carry_the_prior_fitted_to_their_own_weights(tmp_path, image
                                           "out_dir": str(tmp_path / "t")}})["prior"] == "fitted at epoch 2"
 
 
+def test_a_mixture_prior_is_fitted_saved_and_sampled_in_test_mode(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True, "prior_components": 3},
+                      train={"epochs": 1})
+    summary = train(cfg)
+    model = run_vae.model_from_checkpoint(load_checkpoint(summary["best_checkpoint"]))
+    weight = model.prior_mix_weight
+    assert torch.allclose(weight.sum(1), torch.ones(3)) and not torch.allclose(weight, torch.full((3, 3), 1 / 3))
+    saved = model.prior_state()
+    data, train_idx, _ = run_vae.load_data(cfg)
+    run_vae.fit_prior(model, data.subset(train_idx), "cpu")  # seeded EM: a refit gives the same mixture
+    for name, value in saved.items():
+        assert torch.allclose(getattr(model, name), value, atol=1e-4), name
+    out = run_vae.test({**cfg, "test": {**cfg["test"], "out_dir": str(tmp_path / "t")}})
+    assert out["prior"] == "fitted at epoch 1" and (tmp_path / "t" / "samples.png").is_file()
+    # the same weights with one Gaussian per class draw other samples from the same noise
+    grid = run_vae.sample_grid(model, data.classes, 2, 0)[0]
+    single = run_vae.model_from_checkpoint(load_checkpoint(summary["best_checkpoint"]))
+    single.prior_components = 1
+    assert not torch.allclose(grid, run_vae.sample_grid(single, data.classes, 2, 0)[0])
+    import ui  # the gallery works in one Gaussian per class: a mixture checkpoint opens and draws there
+    shown = ui.decode_noise(model, ui.prior_noise(2, model.latent_dim, 0), ui.one_hot(model, 1, 2))
+    assert shown.shape == (2, 3, 16, 16) and torch.isfinite(shown).all()
+
+
 def test_without_fid_the_prior_is_fitted_once_at_the_end_and_best_gets_its_own(tmp_path, image_folder, monkeypatch):
     cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3})
     fits, scripted_elbo = [], iter([30.0, 20.0, 25.0])  # epoch 2 is the best, 3 the last
