@@ -16,6 +16,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
     python bench/quality.py --standard-prior                 # + the same noise through N(0, I): samples_standard.png
     python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down, samples_t0.7.png, ...
+    python bench/quality.py --checkpoint <run>/last.pt --prior-components 10   # + the prior refitted as a mixture, samples_k10.png
 
 A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
 and --num-real change single parts of it. Data folders default to ../shared/data/<name> beside the repo.
@@ -72,7 +73,7 @@ SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "
 
 
 def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
-            recon=False, standard_prior=False, temperatures=()):
+            recon=False, standard_prior=False, temperatures=(), prior_components=()):
     # the published rows were scored with Inception in fp32: a protocol stays there unless overridden
     overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false", "fid.precision=fp32",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
@@ -106,21 +107,33 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     row["extractor"] = row["fid_extractor"]
     if recon:
         row["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"])
-    def grid(file, temperature=1.0):  # every grid of one run: the same seeded noise, beside last.pt
-        return save_samples(model, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name(file), temperature)
+    def grid(file, temperature=1.0, sampler=model):  # every grid of one run: the same seeded noise, beside last.pt
+        return save_samples(sampler, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name(file), temperature)
 
     if standard_prior:  # the same noise decoded through N(0, I): what the fitted prior adds
-        fitted = model.prior_mean.clone(), model.prior_scale_tril.clone()
+        fitted = model.prior_state()
         model.reset_prior()
         standard = scorer.score(model)
         row.update({f"standard_prior_{k}": standard[k] for k in TEMPERED if k in standard})
         row["samples_standard"] = grid("samples_standard.png")
-        model.set_prior(*fitted)
+        model.load_prior(fitted)
     row["samples"] = grid("samples.png")
     for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics
         row[f"temperature_{t:g}"] = {k: v for k, v in scorer.score(model, temperature=t).items() if k in TEMPERED}
         row[f"samples_t{t:g}"] = grid(f"samples_t{t:g}.png", t)
+    for m in prior_components:  # the same weights, the prior refitted as a mixture of m Gaussians per class
+        mixture = with_prior_components(ckpt, m, model.fc_mu.weight.device)
+        run_vae.fit_prior(mixture, data.subset(train_idx), model.fc_mu.weight.device)
+        row[f"components_{m}"] = {k: v for k, v in scorer.score(mixture).items() if k in TEMPERED}
+        row[f"samples_k{m}"] = grid(f"samples_k{m}.png", sampler=mixture)
     return row
+
+
+def with_prior_components(ckpt, components, device):
+    """The checkpoint's model with room for a prior of `components` Gaussians per class (not yet fitted)."""
+    config = {**ckpt["config"], "model": {**ckpt["config"]["model"], "prior_components": components}}
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("prior_mix_")}
+    return run_vae.model_from_checkpoint({**ckpt, "config": config, "model": weights}, device)
 
 
 def save_samples(model, classes, seed, path, temperature=1.0):
@@ -149,9 +162,11 @@ def format_table(rows):
                                            for key, _, width, fmt in COLUMNS]
         extras = [f"{label} {r[key]:{fmt}}" for key, label, fmt in EXTRAS if key in r]
         lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
-        for key in (k for k in r if k.startswith("temperature_")):
+        for key in (k for k in r if k.startswith(("temperature_", "components_"))):
             scores = ", ".join(f"{name} {r[key][name]:.3f}" for name in TEMPERED if name in r[key])
-            lines.append(f"{'':<10} at temperature {key.split('_', 1)[1]}: {scores}")
+            kind, value = key.split("_", 1)
+            where = f"at temperature {value}" if kind == "temperature" else f"with {value} Gaussians per class"
+            lines.append(f"{'':<10} {where}: {scores}")
     return "\n".join(lines)
 
 
@@ -166,16 +181,26 @@ def resolve_data(protocol, data):
     return str(root)
 
 
+def parse_numbers(text, flag, cast, setting, example):
+    """A comma-separated flag's values, each cast and inside the range of the run_vae setting it stands for."""
+    try:
+        values = [cast(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sys.exit(f"{flag} takes numbers separated by commas, e.g. {example} (got {text!r})")
+    low, high, low_allowed = run_vae.RANGES[setting]
+    if not all(run_vae.in_range(v, low, high, low_allowed) for v in values):
+        sys.exit(f"{flag} must each be {run_vae.describe_range(low, high, low_allowed)} (got {text!r})")
+    return values
+
+
 def parse_temperatures(text):
     """--temperatures as floats, each in test.temperature's range (0 would decode the class means alone, N times)."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        sys.exit(f"--temperatures takes numbers separated by commas, e.g. 0.7,0.5 (got {text!r})")
-    low, high, low_allowed = run_vae.RANGES["test.temperature"]
-    if not all(run_vae.in_range(t, low, high, low_allowed) for t in values):
-        sys.exit(f"--temperatures must each be {run_vae.describe_range(low, high, low_allowed)} (got {text!r})")
-    return values
+    return parse_numbers(text, "--temperatures", float, "test.temperature", "0.7,0.5")
+
+
+def parse_components(text):
+    """--prior-components as whole numbers, each in model.prior_components' range."""
+    return parse_numbers(text, "--prior-components", int, "model.prior_components", "5,10")
 
 
 def run_stamp():
@@ -202,6 +227,9 @@ def main():
                         "(their grid: samples_standard.png)")
     p.add_argument("--temperatures", default="",
                    help="comma-separated: also score the same noise with the prior's spread scaled by each")
+    p.add_argument("--prior-components", default="",
+                   help="comma-separated: also score the same weights with the prior refitted as a mixture of "
+                        "each many Gaussians per class (model.prior_components)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
@@ -210,6 +238,7 @@ def main():
                                      ("num_samples", args.num_samples), ("num_real", args.num_real)] if v is not None}}
     data_root = resolve_data(args.protocol, args.data)
     temperatures = parse_temperatures(args.temperatures)
+    components = parse_components(args.prior_components)
     stamp = run_stamp()
     rows = []
     for variant in args.variants.split(","):
@@ -220,7 +249,7 @@ def main():
             rows.append(measure(str(protocol["config"]), data_root, VARIANTS[variant] + args.overrides,
                                 protocol["epochs"], protocol["num_samples"], protocol["num_real"],
                                 f"{variant}-{stamp}", args.out, args.checkpoint, args.recon, args.standard_prior,
-                                temperatures))
+                                temperatures, components))
             rows[-1].update(variant=variant, protocol=args.protocol)
     except run_vae.StopRequested as e:
         # a shortened run's figures do not compare with the protocol's, so the bench does not score it itself

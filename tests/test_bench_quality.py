@@ -70,7 +70,8 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     assert again["recon_fid"] == pytest.approx(row["recon_fid"], rel=1e-6)
     # the same noise at other temperatures: 1 reproduces the main score, a narrower prior gives other samples
     tempered = quality.measure(str(config), str(images), [], epochs=99, num_samples=12, num_real=10, name="t",
-                               out_dir=str(out), checkpoint=str(out / "q" / "last.pt"), temperatures=[1.0, 0.25])
+                               out_dir=str(out), checkpoint=str(out / "q" / "last.pt"), temperatures=[1.0, 0.25],
+                               prior_components=[2])
     assert tempered["temperature_1"]["fid"] == pytest.approx(row["fid"], rel=1e-6)
     assert tempered["temperature_1"]["class_acc_gen"] == pytest.approx(row["class_acc_gen"], rel=1e-6)
     assert set(tempered["temperature_0.25"]) == set(quality.TEMPERED)
@@ -82,6 +83,12 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
     grid = Image.open(tempered["samples"]).tobytes()
     assert Image.open(tempered["samples_t1"]).tobytes() == grid
     assert Image.open(tempered["samples_t0.25"]).tobytes() != grid
+    # the same weights with the prior refitted as a mixture: its own scores, line and grid
+    assert set(tempered["components_2"]) == set(quality.TEMPERED)
+    assert tempered["components_2"]["fid"] != pytest.approx(row["fid"], rel=1e-6)
+    assert lines[4].split()[:4] == ["with", "2", "Gaussians", "per"]
+    assert f"fid {tempered['components_2']['fid']:.3f}" in lines[4]
+    assert Image.open(tempered["samples_k2"]).tobytes() != grid
     assert "recon_fid" not in quality.measure(str(config), str(images), [], epochs=1, num_samples=12,
                                               num_real=10, name="q1", out_dir=str(out))
 
@@ -94,6 +101,14 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
         quality.resolve_data("apples", str(tmp_path / "nowhere"))
     images = make_image_folder(tmp_path / "images", per_class=2)
     assert quality.resolve_data("impressionism", str(images)) == str(images)
+
+
+def test_prior_components_parse_and_a_wrong_one_says_what_to_give():
+    assert quality.parse_components("") == [] and quality.parse_components("5, 10") == [5, 10]
+    for text, says in [("5,x", "numbers separated by commas"), ("2.5", "numbers separated by commas"),
+                       ("0", r"in \[1, 257\)"), ("300", r"in \[1, 257\)")]:
+        with pytest.raises(SystemExit, match=says):
+            quality.parse_components(text)
 
 
 def test_temperatures_parse_and_a_wrong_one_says_what_to_give():
