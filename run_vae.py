@@ -402,6 +402,9 @@ def check_config(cfg):
     if cfg["model"]["class_norm"] and not cfg["model"]["conditional"]:
         raise ConfigError("model.class_norm gives the decoder a scale and shift per class, which only a conditional "
                           "model has: set model.conditional=true, or model.class_norm=false")
+    if cfg["model"]["prior_components"] > 1 and cfg["model"]["prior"] != "fitted":
+        raise ConfigError("model.prior_components is the number of Gaussians per class of the fitted prior, and "
+                          "model.prior is standard: set model.prior=fitted, or model.prior_components=1")
     if loss["disc_conditional"] and not cfg["model"]["conditional"]:
         raise ConfigError("loss.disc_conditional tells the discriminator each image's label, which only a "
                           "conditional model has: set model.conditional=true, or loss.disc_conditional=false")
@@ -1326,27 +1329,26 @@ class VAE(nn.Module):
     def prior_z(self, eps, y=None, pick=None):
         """Map standard normal noise to the prior: z = mean_y + L_y eps (eps itself while the prior is
         N(0, I)). Float rows of `y` blend the classes' Gaussians, as decode() blends their labels. With a
-        mixture prior, `pick` (one uniform draw in [0, 1) per row) chooses each class's component; without
-        it every class's overall Gaussian is used."""
+        mixture prior and class indices, `pick` (one uniform draw in [0, 1) per row) chooses the component
+        of each row's class; without it (or for blends) every class's overall Gaussian is used."""
         if self.num_classes and y is None:
             raise ValueError("a conditional model needs class labels to sample")
         eps = eps.to(self.prior_mean)
-        if pick is not None and self.prior_components > 1:
-            mean, tril = self.mixture_components(pick.to(eps))  # classes x n x dims (x dims)
-            z = mean.transpose(0, 1) + torch.einsum("knij,nj->nki", tril, eps)
-        else:
-            z = self.prior_mean + torch.einsum("kij,nj->nki", self.prior_scale_tril, eps)  # n x classes x dims
+        if pick is not None and self.prior_components > 1 and (y is None or not y.is_floating_point()):
+            c = y.to(eps.device) if self.num_classes else torch.zeros(len(eps), dtype=torch.long, device=eps.device)
+            mean, tril = self.mixture_component(c, pick.to(eps))
+            return mean + (tril @ eps[:, :, None]).squeeze(-1)
+        z = self.prior_mean + torch.einsum("kij,nj->nki", self.prior_scale_tril, eps)  # n x classes x dims
         weights = self.one_hot(y.to(eps.device)) if self.num_classes else torch.ones(len(eps), 1, device=eps.device)
         return (weights[:, :, None] * z).sum(1)
 
-    def mixture_components(self, pick):
-        """Each class's component for each uniform draw (inverse CDF of the mixture weights): their means
-        (classes x n x dims) and Cholesky factors (classes x n x dims x dims)."""
-        cdf = self.prior_mix_weight.cumsum(1)
-        index = torch.searchsorted(cdf, pick.expand(len(cdf), -1).contiguous() * cdf[:, -1:], right=True)
+    def mixture_component(self, c, pick):
+        """The component of class c[i] that uniform draw pick[i] falls on (inverse CDF of the class's mixture
+        weights): its mean (n x dims) and Cholesky factor (n x dims x dims)."""
+        cdf = self.prior_mix_weight[c].cumsum(1)
+        index = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
         index = index.clamp(max=self.prior_components - 1)
-        rows = torch.arange(len(cdf), device=pick.device)[:, None]
-        return self.prior_mix_mean[rows, index], self.prior_mix_scale_tril[rows, index]
+        return self.prior_mix_mean[c, index], self.prior_mix_scale_tril[c, index]
 
     def draw_pick(self, n, generator=None):
         """The uniform draws prior_z(pick=) takes, or None when the prior has one Gaussian per class: the same
@@ -1375,11 +1377,13 @@ class VAE(nn.Module):
             self.prior_mix_scale_tril.copy_(torch.eye(self.latent_dim).expand_as(self.prior_mix_scale_tril))
 
     @torch.no_grad()
-    def sample(self, n, y=None, temperature=1.0, generator=None):
-        """Decode z from the prior, its spread scaled by `temperature`; `y` are class indices for a CVAE."""
+    def sample(self, n, y=None, temperature=1.0, generator=None, pick_generator=None):
+        """Decode z from the prior, its spread scaled by `temperature`; `y` are class indices for a CVAE. A
+        mixture's component draws come from `pick_generator` when given, so that batches drawn one after
+        another from `generator` get the same noise whatever the prior."""
         device = next(self.parameters()).device
         eps = torch.randn(n, self.latent_dim, generator=generator, device="cpu").to(device) * temperature
-        pick = self.draw_pick(n, generator)
+        pick = self.draw_pick(n, generator if pick_generator is None else pick_generator)
         y = None if y is None else y.to(device)
         return self.decode(self.prior_z(eps, y, pick), y)
 
@@ -2282,12 +2286,13 @@ class FIDScorer:
         scales the prior's spread, as in test mode and the gallery."""
         model.eval()
         g = torch.Generator().manual_seed(seed)  # the same z every evaluation: epochs compare like with like
+        picks = torch.Generator().manual_seed(seed + 1)  # a mixture's components: the z stay those of one Gaussian
         labels = self.class_labels(n) if model.num_classes else None
         images = []
         with fixed_noise(seed):
             for i in range(0, n, self.batch_size):
                 y = labels[i:i + self.batch_size] if labels is not None else None
-                images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, temperature, g)).cpu())
+                images.append(to_uint8(model.sample(min(self.batch_size, n - i), y, temperature, g, picks)).cpu())
         return torch.cat(images), labels
 
     def score(self, model, with_kid=False, temperature=1.0):
@@ -2621,7 +2626,7 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
         cov = sum_outer[c] / count[c] - torch.outer(mean[c], mean[c]) + torch.diag(sum_var[c] / count[c])
         scale_tril[c] = torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64))
     model.set_prior(mean.float(), scale_tril.float())
-    if model.prior_components > 1:
+    if model.prior_components > 1 and codes:
         fit_prior_mixture(model, torch.cat(codes), torch.cat(groups), sum_var / count.clamp_min(1)[:, None])
 
 
@@ -2641,8 +2646,13 @@ def fit_prior_mixture(model, codes, groups, mean_var):
         if n < m:  # EM needs more images than components: each image is its own component
             w, mu, cov = torch.full((n,), 1 / n, dtype=torch.float64), z, torch.zeros(n, d, d, dtype=torch.float64)
         else:
-            gm = GaussianMixture(m, covariance_type="full", reg_covar=1e-6, random_state=0).fit(z.numpy())
-            w, mu, cov = (torch.from_numpy(a) for a in (gm.weights_, gm.means_, gm.covariances_))
+            try:
+                gm = GaussianMixture(m, covariance_type="full", reg_covar=1e-6, random_state=0).fit(z.numpy())
+                w, mu, cov = (torch.from_numpy(a) for a in (gm.weights_, gm.means_, gm.covariances_))
+            except ValueError as e:  # a collapsed component: the class samples from its single Gaussian
+                print(f"warning: the mixture prior of class {c} did not fit ({e}); it keeps one Gaussian")
+                n, w, mu = 1, torch.ones(1, dtype=torch.float64), z.mean(0, keepdim=True)
+                cov = torch.cov(z.T, correction=0)[None]
         weight[c] = 0.0
         weight[c, :n], mean[c, :n] = w, mu
         cov = cov + torch.diag(mean_var[c]) + 1e-6 * torch.eye(d, dtype=torch.float64)
@@ -2734,7 +2744,9 @@ def prior_description(ckpt):
     if not ckpt.get("prior_epoch"):
         return "N(0, I)"
     newer = f" (weights of epoch {ckpt['epoch']})" if ckpt["prior_epoch"] != ckpt.get("epoch") else ""
-    return f"fitted at epoch {ckpt['prior_epoch']}{newer}"
+    components = ckpt["config"].get("model", {}).get("prior_components", 1)
+    mixture = f", {components} Gaussians per class" if components > 1 else ""
+    return f"fitted at epoch {ckpt['prior_epoch']}{newer}{mixture}"
 
 
 def model_from_checkpoint(ckpt, device="cpu"):

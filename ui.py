@@ -317,6 +317,8 @@ def load_model(path, mtime):
     meta["metrics"] = numeric_metrics(ckpt.get("metrics"))
     meta["kind"] = ckpt.get("kind", "?")
     meta["prior"] = prior_description(ckpt)
+    if ckpt["config"]["model"].get("prior_components", 1) > 1:  # its sliders are one Gaussian's coordinates
+        meta["prior"] += "; the gallery draws from each class's single Gaussian"
     return model, meta
 
 

@@ -105,7 +105,7 @@ def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path
 
 def test_prior_components_parse_and_a_wrong_one_says_what_to_give():
     assert quality.parse_components("") == [] and quality.parse_components("5, 10") == [5, 10]
-    for text, says in [("5,x", "numbers separated by commas"), ("2.5", "numbers separated by commas"),
+    for text, says in [("5,x", "numbers separated by commas"), ("2.5", "whole numbers separated by commas"),
                        ("0", r"in \[1, 257\)"), ("300", r"in \[1, 257\)")]:
         with pytest.raises(SystemExit, match=says):
             quality.parse_components(text)

@@ -52,12 +52,13 @@ def test_unknown_section_is_an_error(tmp_path):
     ("train.lr_warmup=-1", "train.lr_warmup must be at least 0"),
     ("model.res_blocks=-1", r"model.res_blocks must be in \[0, 9\)"),
     ("model.prior_components=0", r"model.prior_components must be in \[1, 257\)"),
+    ("model.prior_components=3 model.prior=standard", "set model.prior=fitted, or model.prior_components=1"),
     ("model.class_norm=true", "set model.conditional=true, or model.class_norm=false"),
     ("epochs=3", "section.key=value"),
 ])
 def test_wrong_values_are_errors(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_overrides_are_typed_yaml():

@@ -147,9 +147,9 @@ def curve(run_dir, tag="train/loss"):
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
-    """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, and a
-    discriminator with R1, DiffAugment and prior samples, and a mixture prior), the full run again ending after epoch 1, a
-    Soft-IntroVAE run (its updates bypass the wrapper), and the full run once more, stopped in epoch 2 by a
+    """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, a mixture
+    prior, and a discriminator with R1, DiffAugment and prior samples), the full run again ending after epoch 1,
+    a Soft-IntroVAE run (its updates bypass the wrapper), and the full run once more, stopped in epoch 2 by a
     Ctrl-C sent to torchrun (last: torchrun shuts down after it).
     Second: the --resume of the two full runs cut short, and the --resume under torchrun of a run one
     process began (through run_vae.main, as the command line does)."""

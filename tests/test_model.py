@@ -403,9 +403,33 @@ def test_mixture_samples_are_seeded_and_reset_gives_standard_normal():
     assert torch.allclose(model.prior_z(eps, torch.tensor([0, 1, 0, 1, 1]), pick=torch.rand(5)), eps)
     model.load_prior(saved)
     assert torch.equal(model.prior_mix_mean, saved["prior_mix_mean"])
-    # one Gaussian per class draws from the generator exactly what it drew before mixtures existed
+    # one Gaussian per class draws from the generator exactly what it drew before mixtures existed, and a
+    # mixture given its own generator for the picks leaves the noise stream as it is: batches stay paired
     single = VAE(16, latent_dim=4, num_classes=2).eval()
-    assert single.draw_pick(3) is None and "prior_mix_weight" not in single.prior_state()
+    assert "prior_mix_weight" not in single.prior_state()
+    bare = torch.Generator().manual_seed(0)
+    torch.randn(3, 4, generator=bare)
+    for sampler, picks in [(single, None), (model, torch.Generator().manual_seed(1))]:
+        g = torch.Generator().manual_seed(0)
+        with run_vae.fixed_noise(0):
+            sampler.sample(3, y, generator=g, pick_generator=picks)
+        assert torch.equal(g.get_state(), bare.get_state())
+
+
+def test_a_mixture_that_does_not_fit_leaves_its_class_one_gaussian(monkeypatch, capsys):
+    from sklearn.mixture import GaussianMixture
+    def collapse(self, z):
+        raise ValueError("Fitting the mixture model failed because some components have ill-defined covariance")
+    monkeypatch.setattr(GaussianMixture, "fit", collapse)
+    model = VAE(16, latent_dim=2, num_classes=1, prior_components=3).eval()
+    codes = torch.randn(50, 2, dtype=torch.float64) * 2 + 1
+    run_vae.fit_prior_mixture(model, codes, torch.zeros(50, dtype=torch.long), torch.full((1, 2), 0.1))
+    assert "class 0 did not fit" in capsys.readouterr().out
+    assert torch.equal(model.prior_mix_weight[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(model.prior_mix_mean[0, 0], codes.mean(0).float())
+    tril = model.prior_mix_scale_tril[0, 0].double()
+    expected = torch.cov(codes.T, correction=0) + 0.1 * torch.eye(2, dtype=torch.float64)
+    assert torch.allclose(tril @ tril.T, expected, atol=1e-4)
 
 
 def test_unconditional_prior_is_one_gaussian_over_all_images():
