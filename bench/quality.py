@@ -16,7 +16,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py --checkpoint logs/quality/<run>/last.pt --num-samples 1000 --recon  # + reconstructions
     python bench/quality.py --standard-prior                 # + the same noise through N(0, I): samples_standard.png
     python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down, samples_t0.7.png, ...
-    python bench/quality.py --checkpoint <run>/last.pt --prior-components 10   # + the prior refitted as a mixture, samples_k10.png
+    python bench/quality.py --checkpoint <run>/last.pt --prior-components 10   # + a mixture prior, samples_k10.png
 
 A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
 and --num-real change single parts of it. Data folders default to ../shared/data/<name> beside the repo.
@@ -186,7 +186,8 @@ def parse_numbers(text, flag, cast, setting, example):
     try:
         values = [cast(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        sys.exit(f"{flag} takes numbers separated by commas, e.g. {example} (got {text!r})")
+        kind = "whole numbers" if cast is int else "numbers"
+        sys.exit(f"{flag} takes {kind} separated by commas, e.g. {example} (got {text!r})")
     low, high, low_allowed = run_vae.RANGES[setting]
     if not all(run_vae.in_range(v, low, high, low_allowed) for v in values):
         sys.exit(f"{flag} must each be {run_vae.describe_range(low, high, low_allowed)} (got {text!r})")
