@@ -76,8 +76,8 @@ DEFAULTS = {
                                   # covariance; more = a mixture fitted to the posterior means by EM (scikit-learn),
                                   # each widened by the mean posterior variance: samples stay near the modes the
                                   # training images were encoded to. 10 lowered apples FID by 7-9 and tied on
-                                  # the paintings; 30 drew near-copies (docs/results.md). The gallery draws from
-                                  # the overall Gaussian
+                                  # the paintings; 30 brought samples close to training images
+                                  # (docs/results.md). The gallery draws from the overall Gaussian
         "upsample": "transposed", # how the decoder doubles its resolution: transposed (4x4 stride-2 transposed
                                   # convs, the original design) | resize (nearest-neighbour x2, then a 3x3 conv:
                                   # every output pixel sees the same number of weights, the usual cure for
