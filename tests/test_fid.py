@@ -145,6 +145,24 @@ def test_a_noisy_decoder_is_scored_on_the_same_images_every_evaluation(tmp_path)
     assert torch.equal(first, again)
 
 
+def test_a_mixture_of_copies_of_the_single_gaussian_is_scored_on_the_same_images(tmp_path):
+    # Component picks come from their own generator: a mixture whose components all equal the single
+    # Gaussian must decode the very noise of the single Gaussian, in every batch, not only the first.
+    root = make_image_folder(tmp_path / "img", per_class=4)
+    cfg = fid_config(tmp_path, root, data={"val_fraction": 0.0})
+    data, tr, va = run_vae.load_data(cfg)
+    scorer = FIDScorer(cfg, data, tr, va, torch.device("cpu"), tiny_features())
+    torch.manual_seed(0)
+    mixture = run_vae.VAE(16, 8, num_classes=3, prior_components=4).eval()
+    mixture.prior_mean.normal_()
+    mixture.prior_mix_mean.copy_(mixture.prior_mean[:, None].expand_as(mixture.prior_mix_mean))
+    mixture.prior_mix_weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]).expand_as(mixture.prior_mix_weight))
+    single = run_vae.VAE(16, 8, num_classes=3).eval()
+    single.load_state_dict({k: v for k, v in mixture.state_dict().items() if not k.startswith("prior_mix_")})
+    many = 3 * scorer.batch_size + 1  # four batches
+    assert torch.equal(scorer.generate(mixture, many, seed=0)[0], scorer.generate(single, many, seed=0)[0])
+
+
 def test_best_checkpoint_is_written_only_when_fid_improves(tmp_path, image_folder, monkeypatch):
     scripted = iter([5.0, 3.0, 4.0, 2.0])  # improves at epochs 1, 2 and 4, not at 3
     monkeypatch.setattr(FIDScorer, "score", lambda self, model, with_kid=False: {
