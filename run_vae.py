@@ -2636,7 +2636,8 @@ def fit_prior_mixture(model, codes, groups, mean_var):
     """Per class, a Gaussian mixture fitted by EM to the posterior means `codes` of its images (`groups`: their
     classes), each component's covariance widened by the class's mean posterior variance `mean_var`, as the
     single Gaussian is. A class with fewer images than components gets one component per image (the rest
-    weigh 0); a class without images keeps N(0, I). Seeded, so a refit of the same weights gives the same prior."""
+    weigh 0); a class without images keeps N(0, I); a class whose EM fails keeps its single Gaussian, which
+    fit_prior has set. Seeded, so a refit of the same weights gives the same prior."""
     from sklearn.mixture import GaussianMixture
     k, m, d = *model.prior_mix_weight.shape, model.latent_dim
     weight, mean = torch.zeros(k, m, dtype=torch.float64), torch.zeros(k, m, d, dtype=torch.float64)
@@ -2651,10 +2652,10 @@ def fit_prior_mixture(model, codes, groups, mean_var):
             try:
                 gm = GaussianMixture(m, covariance_type="full", reg_covar=1e-6, random_state=0).fit(z.numpy())
                 w, mu, cov = (torch.from_numpy(a) for a in (gm.weights_, gm.means_, gm.covariances_))
-            except ValueError as e:  # a collapsed component: the class samples from its single Gaussian
+            except ValueError as e:  # a collapsed component
                 print(f"warning: the mixture prior of class {c} did not fit ({e}); it keeps one Gaussian")
-                n, w, mu = 1, torch.ones(1, dtype=torch.float64), z.mean(0, keepdim=True)
-                cov = torch.cov(z.T, correction=0)[None]
+                mean[c, 0], scale_tril[c, 0] = model.prior_mean[c], model.prior_scale_tril[c]
+                continue
         weight[c] = 0.0
         weight[c, :n], mean[c, :n] = w, mu
         cov = cov + torch.diag(mean_var[c]) + 1e-6 * torch.eye(d, dtype=torch.float64)

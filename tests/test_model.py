@@ -417,19 +417,24 @@ def test_mixture_samples_are_seeded_and_reset_gives_standard_normal():
 
 
 def test_a_mixture_that_does_not_fit_leaves_its_class_one_gaussian(monkeypatch, capsys):
+    from run_vae import ImageSet, fit_prior
     from sklearn.mixture import GaussianMixture
     def collapse(self, z):
         raise ValueError("Fitting the mixture model failed because some components have ill-defined covariance")
     monkeypatch.setattr(GaussianMixture, "fit", collapse)
+    torch.manual_seed(0)
     model = VAE(16, latent_dim=2, num_classes=1, prior_components=3).eval()
-    codes = torch.randn(50, 2, dtype=torch.float64) * 2 + 1
-    run_vae.fit_prior_mixture(model, codes, torch.zeros(50, dtype=torch.long), torch.full((1, 2), 0.1))
+    images = (torch.rand(50, 3, 16, 16) * 255).to(torch.uint8)
+    fit_prior(model, ImageSet(images, torch.zeros(50, dtype=torch.long), ["a"], []), "cpu")
     assert "class 0 did not fit" in capsys.readouterr().out
     assert torch.equal(model.prior_mix_weight[0], torch.tensor([1.0, 0.0, 0.0]))
-    assert torch.allclose(model.prior_mix_mean[0, 0], codes.mean(0).float())
-    tril = model.prior_mix_scale_tril[0, 0].double()
-    expected = torch.cov(codes.T, correction=0) + 0.1 * torch.eye(2, dtype=torch.float64)
-    assert torch.allclose(tril @ tril.T, expected, atol=1e-4)
+    assert torch.equal(model.prior_mix_mean[0, 0], model.prior_mean[0])
+    assert torch.equal(model.prior_mix_scale_tril[0, 0], model.prior_scale_tril[0])
+    assert not torch.equal(model.prior_mean[0], torch.zeros(2))  # a fitted Gaussian, not N(0, I)
+    # no images at all: nothing to fit, N(0, I) everywhere, and no error
+    empty = VAE(16, latent_dim=2, num_classes=1, prior_components=3).eval()
+    fit_prior(empty, ImageSet(images[:0], torch.zeros(0, dtype=torch.long), ["a"], []), "cpu")
+    assert torch.equal(empty.prior_mix_mean, torch.zeros(1, 3, 2))
 
 
 def test_unconditional_prior_is_one_gaussian_over_all_images():
