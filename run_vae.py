@@ -2587,22 +2587,35 @@ def load_efficientnet(device):
                           f"or set fid.efficientnet=false") from None
 
 
-@torch.no_grad()
-def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
-    """Fit the sampling prior to the aggregate posterior of `data` (the training images): per class, a
-    Gaussian with the mean of the posterior means and their covariance plus the mean posterior variance
-    (the moments of the mixture of all q(z|x)). Training keeps the KL against N(0, I); only sampling moves.
+class Posteriors:
+    """What fit_prior needs of the training images' posteriors, per class: the count and the sums of the
+    means, the variances and the means' outer products; with keep_codes the means themselves and their classes
+    too (a mixture is fitted to them). Encoded once, it fits priors of any number of components."""
 
-    Why: with beta < 1 the posteriors do not fill N(0, I). Latent dims are correlated and their spread
-    ranges from 0.7 to 1.75 (apples), so z ~ N(0, I) lands where no training image was encoded and
-    decodes to white specks (docs/how_it_works.md "Prior"). Classes without images keep N(0, I).
-    With model.prior_components > 1 each class also gets a mixture (fit_prior_mixture)."""
+    def __init__(self, k, d, keep_codes):
+        self.count = torch.zeros(k, dtype=torch.float64)
+        self.sum_mu, self.sum_var = torch.zeros(k, d, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
+        self.sum_outer = torch.zeros(k, d, d, dtype=torch.float64)
+        self.keep_codes, self.codes, self.groups = keep_codes, [], []
+
+    def add(self, mu, var, group):
+        for c in group.unique().tolist():
+            m, v = mu[group == c], var[group == c]
+            self.count[c] += len(m)
+            self.sum_mu[c] += m.sum(0)
+            self.sum_var[c] += v.sum(0)
+            self.sum_outer[c] += m.T @ m
+        if self.keep_codes:
+            self.codes.append(mu)
+            self.groups.append(group)
+
+
+@torch.no_grad()
+def encode_posteriors(model, data, device, batch_size=256, amp_dtype=None, keep_codes=None):
+    """The Posteriors of `data` under model's encoder; keep_codes defaults to whether its prior is a mixture."""
     model.eval()
     k, d = model.prior_mean.shape
-    count = torch.zeros(k, dtype=torch.float64)
-    sum_mu, sum_var = torch.zeros(k, d, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64)
-    sum_outer = torch.zeros(k, d, d, dtype=torch.float64)
-    codes, groups = [], []  # the posterior means, kept for a mixture
+    posteriors = Posteriors(k, d, model.prior_components > 1 if keep_codes is None else keep_codes)
     for i in range(0, len(data), batch_size):
         x = to_float(data.images[i:i + batch_size]).to(device)
         y = data.labels[i:i + batch_size].to(device)
@@ -2610,26 +2623,35 @@ def fit_prior(model, data, device, batch_size=256, amp_dtype=None):
         # noise of a covariance estimated from a few thousand images
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             mu, logvar = model.encode(x, y if model.num_classes else None)
-        mu, var = mu.double().cpu(), logvar.double().exp().cpu()
         group = data.labels[i:i + batch_size] if model.num_classes else torch.zeros(len(x), dtype=torch.long)
-        for c in group.unique().tolist():
-            m, v = mu[group == c], var[group == c]
-            count[c] += len(m)
-            sum_mu[c] += m.sum(0)
-            sum_var[c] += v.sum(0)
-            sum_outer[c] += m.T @ m
-        if model.prior_components > 1:
-            codes.append(mu)
-            groups.append(group)
+        posteriors.add(mu.double().cpu(), logvar.double().exp().cpu(), group)
+    return posteriors
+
+
+@torch.no_grad()
+def fit_prior(model, data, device, batch_size=256, amp_dtype=None, posteriors=None):
+    """Fit the sampling prior to the aggregate posterior of `data` (the training images): per class, a
+    Gaussian with the mean of the posterior means and their covariance plus the mean posterior variance
+    (the moments of the mixture of all q(z|x)). Training keeps the KL against N(0, I); only sampling moves.
+    `posteriors` (encode_posteriors of the same weights) saves encoding `data` again.
+
+    Why: with beta < 1 the posteriors do not fill N(0, I). Latent dims are correlated and their spread
+    ranges from 0.7 to 1.75 (apples), so z ~ N(0, I) lands where no training image was encoded and
+    decodes to white specks (docs/how_it_works.md "Prior"). Classes without images keep N(0, I).
+    With model.prior_components > 1 each class also gets a mixture (fit_prior_mixture)."""
+    p = posteriors if posteriors is not None else encode_posteriors(model, data, device, batch_size, amp_dtype)
+    if model.prior_components > 1 and not p.keep_codes:
+        raise ValueError("a mixture prior needs the posterior means: encode_posteriors(..., keep_codes=True)")
+    k, d = model.prior_mean.shape
     mean = torch.zeros(k, d, dtype=torch.float64)
     scale_tril = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
-    for c in torch.nonzero(count).flatten().tolist():
-        mean[c] = sum_mu[c] / count[c]
-        cov = sum_outer[c] / count[c] - torch.outer(mean[c], mean[c]) + torch.diag(sum_var[c] / count[c])
+    for c in torch.nonzero(p.count).flatten().tolist():
+        mean[c] = p.sum_mu[c] / p.count[c]
+        cov = p.sum_outer[c] / p.count[c] - torch.outer(mean[c], mean[c]) + torch.diag(p.sum_var[c] / p.count[c])
         scale_tril[c] = torch.linalg.cholesky(cov + 1e-6 * torch.eye(d, dtype=torch.float64))
     model.set_prior(mean.float(), scale_tril.float())
-    if model.prior_components > 1 and codes:
-        fit_prior_mixture(model, torch.cat(codes), torch.cat(groups), sum_var / count.clamp_min(1)[:, None])
+    if model.prior_components > 1 and p.codes:
+        fit_prior_mixture(model, torch.cat(p.codes), torch.cat(p.groups), p.sum_var / p.count.clamp_min(1)[:, None])
 
 
 def fit_prior_mixture(model, codes, groups, mean_var):

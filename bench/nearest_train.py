@@ -43,11 +43,12 @@ def probe(checkpoint, data_root, components=(), n=600, seed=0):
     rows = {"held-out real": held_out.images[:n],
             "reconstructions": run_vae.to_uint8(model.reconstruct(run_vae.to_float(train.images[pick]), y))}
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    posteriors = run_vae.encode_posteriors(model, train, "cpu", keep_codes=True) if components else None
     for k in (1, *components):
         sampler = model
         if k > 1:
             sampler = quality.with_prior_components(ckpt, k, "cpu")
-            run_vae.fit_prior(sampler, train, "cpu")
+            run_vae.fit_prior(sampler, None, "cpu", posteriors=posteriors)
         with run_vae.fixed_noise(seed):
             rows[f"samples, {k} per class"] = run_vae.to_uint8(sampler.sample(
                 n, labels, generator=torch.Generator().manual_seed(seed),

@@ -121,9 +121,12 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics
         row[f"temperature_{t:g}"] = {k: v for k, v in scorer.score(model, temperature=t).items() if k in TEMPERED}
         row[f"samples_t{t:g}"] = grid(f"samples_t{t:g}.png", t)
+    device = model.fc_mu.weight.device
+    posteriors = run_vae.encode_posteriors(model, data.subset(train_idx), device, keep_codes=True) \
+        if prior_components else None  # one encoding of the training images serves every m
     for m in prior_components:  # the same weights, the prior refitted as a mixture of m Gaussians per class
-        mixture = with_prior_components(ckpt, m, model.fc_mu.weight.device)
-        run_vae.fit_prior(mixture, data.subset(train_idx), model.fc_mu.weight.device)
+        mixture = with_prior_components(ckpt, m, device)
+        run_vae.fit_prior(mixture, None, device, posteriors=posteriors)
         row[f"components_{m}"] = {k: v for k, v in scorer.score(mixture).items() if k in TEMPERED}
         row[f"samples_k{m}"] = grid(f"samples_k{m}.png", sampler=mixture)
     return row

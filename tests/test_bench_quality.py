@@ -93,6 +93,17 @@ def test_measure_trains_scores_and_rescoring_the_checkpoint_agrees(tiny_run, mon
                                               num_real=10, name="q1", out_dir=str(out))
 
 
+def test_mixtures_of_several_sizes_share_one_encoding_of_the_training_images(tiny_run, monkeypatch):
+    images, config, out = tiny_run
+    quality.measure(str(config), str(images), [], epochs=1, num_samples=6, num_real=6, name="m", out_dir=str(out))
+    calls = []
+    encode = run_vae.encode_posteriors
+    monkeypatch.setattr(run_vae, "encode_posteriors", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
+    row = quality.measure(str(config), str(images), [], epochs=1, num_samples=6, num_real=6, name="m2",
+                          out_dir=str(out), checkpoint=str(out / "m" / "last.pt"), prior_components=[2, 3])
+    assert len(calls) == 1 and {"components_2", "components_3"} <= set(row)
+
+
 def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path, capsys):
     assert quality.PROTOCOLS["impressionism"]["data"].parts[-3:] == ("shared", "data", "impressionism")
     assert quality.PROTOCOLS["apples"]["num_samples"] == quality.PROTOCOLS["apples"]["num_real"] == 2000

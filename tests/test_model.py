@@ -437,6 +437,28 @@ def test_a_mixture_that_does_not_fit_leaves_its_class_one_gaussian(monkeypatch, 
     assert torch.equal(empty.prior_mix_mean, torch.zeros(1, 3, 2))
 
 
+def test_one_encoding_of_the_images_fits_priors_of_any_number_of_components():
+    from run_vae import ImageSet, encode_posteriors, fit_prior
+    torch.manual_seed(3)
+    images = (torch.rand(60, 3, 16, 16) * 255).to(torch.uint8)
+    data = ImageSet(images, torch.tensor([0, 1] * 30), ["a", "b"], [])
+    base = VAE(16, latent_dim=3, num_classes=2).eval()
+    posteriors = encode_posteriors(base, data, "cpu", batch_size=7, keep_codes=True)
+    assert posteriors.count.tolist() == [30, 30] and torch.cat(posteriors.codes).shape == (60, 3)
+    for m in (1, 2, 3):
+        direct, reused = (VAE(16, latent_dim=3, num_classes=2, prior_components=m).eval() for _ in range(2))
+        direct.load_state_dict(base.state_dict(), strict=False)
+        reused.load_state_dict(base.state_dict(), strict=False)
+        fit_prior(direct, data, "cpu", batch_size=16)
+        fit_prior(reused, None, "cpu", posteriors=posteriors)
+        for name, b in direct.prior_state().items():
+            assert torch.allclose(reused.prior_state()[name], b, atol=1e-5), (m, name)
+    assert not torch.equal(reused.prior_mix_mean[0, 0], reused.prior_mix_mean[0, 1])  # a fitted mixture
+    # moments alone cannot fit a mixture: said, not silently left at N(0, I)
+    with pytest.raises(ValueError, match="keep_codes=True"):
+        fit_prior(reused, None, "cpu", posteriors=encode_posteriors(base, data, "cpu", keep_codes=False))
+
+
 def test_unconditional_prior_is_one_gaussian_over_all_images():
     from run_vae import ImageSet, fit_prior
     torch.manual_seed(1)
