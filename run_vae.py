@@ -3022,7 +3022,9 @@ def check_resumable(cfg, ckpt, path):
     """The model, the image size and the batch size of a run to resume must match its last.pt: they fix the
     weights' shapes and the epoch's batch order. Returns the checkpoint."""
     saved = merge_config(DEFAULTS, ckpt["config"], str(path))  # keys added since take their defaults
-    fixed = {"model": (saved["model"], cfg["model"]),
+    # the number of Gaussians in the fitted prior sets no weight: restore_run refits the prior instead
+    model_cfg = {**cfg["model"], "prior_components": saved["model"]["prior_components"]}
+    fixed = {"model": (saved["model"], model_cfg),
              "data.image_size": (saved["data"]["image_size"], cfg["data"]["image_size"]),
              "train.batch_size": (saved["train"]["batch_size"], cfg["train"]["batch_size"])}
     for name, (old, new) in fixed.items():
@@ -3041,12 +3043,15 @@ def restore_run(run, ckpt):
     differ from the run that wrote it: batches are global, only ranks without a saved state get new noise."""
     saved = merge_config(DEFAULTS, ckpt["config"], str(run.paths.last))
     cfg = run.cfg
-    run.model.load_state_dict(with_prior_buffers(run.model, ckpt.get("raw_model", ckpt["model"])))
+    new_mixture = saved["model"]["prior_components"] != cfg["model"]["prior_components"]
+    def weights(state):  # a mixture of another size is left out; it is refitted below
+        return {k: v for k, v in state.items() if not (new_mixture and "prior_mix_" in k)}
+    run.model.load_state_dict(with_prior_buffers(run.model, weights(ckpt.get("raw_model", ckpt["model"]))))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None and "ema" in ckpt:
-        run.ema.load_state_dict(with_prior_buffers(run.ema.module, ckpt["ema"], prefix="module."))
+        run.ema.load_state_dict(with_prior_buffers(run.ema.module, weights(ckpt["ema"]), prefix="module."))
     if run.sharp is not None or ckpt.get("sharp"):
         if run.sharp is None:
             raise ConfigError(f"{run.paths.last} was trained with a discriminator (loss.adversarial > 0); "
@@ -3072,6 +3077,12 @@ def restore_run(run, ckpt):
         print(f"resuming {run.paths.run_dir} at epoch {run.epoch} step {run.step}"
               + (f" ({len(states)} process(es) wrote it, {run.world.size} continue it)"
                  if len(states) != run.world.size else ""))
+    if new_mixture and run.prior_epoch:  # the saved weights' prior, with the Gaussians asked for now
+        on_rank0(run.world, lambda: fit_run_prior(run))
+        broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
+        if run.world.is_main:
+            print(f"model.prior_components changed from {saved['model']['prior_components']} to "
+                  f"{cfg['model']['prior_components']}: the prior is refitted to the saved weights")
 
 
 @contextlib.contextmanager

@@ -312,6 +312,38 @@ def test_a_mixture_prior_is_fitted_saved_and_sampled_in_test_mode(tmp_path, imag
     assert meta["prior"].endswith("3 Gaussians per class; the gallery draws from each class's single Gaussian")
 
 
+def test_a_run_resumed_with_another_number_of_gaussians_refits_its_prior_and_trains_on_unchanged(
+        tmp_path, image_folder, monkeypatch):
+    import shutil
+    def config(name, components, epochs):
+        return tiny_config(tmp_path, image_folder, run={"name": name}, train={"epochs": epochs, "ema": 0.9},
+                           model={"conditional": True, "prior_components": components})
+    train(config("one", 1, 1))  # finished: its one Gaussian per class fitted at epoch 1
+    shutil.copytree(tmp_path / "logs/one", tmp_path / "logs/three")
+    restored = []
+    with monkeypatch.context() as patch:  # the run as restored, before any step
+        patch.setattr(run_vae, "run_epochs", lambda run, report, max_epochs: restored.append(run) or {})
+        train(config("three", 3, 2), resume=True)
+    model, ema = restored[0].model, restored[0].ema.module
+    saved = load_checkpoint(tmp_path / "logs/one/last.pt")
+    assert torch.equal(model.prior_mean, saved["raw_model"]["prior_mean"])  # the single Gaussians: refitted alike
+    expected = run_vae.model_from_checkpoint(saved)  # what a fresh fit of the saved (EMA) weights gives
+    mixture = run_vae.VAE(16, latent_dim=8, num_classes=3, prior_components=3)
+    mixture.load_state_dict(expected.state_dict(), strict=False)
+    data, train_idx, _ = run_vae.load_data(config("three", 3, 2))
+    run_vae.fit_prior(mixture, data.subset(train_idx), "cpu")
+    for name, value in mixture.prior_state().items():
+        assert torch.allclose(getattr(ema, name), value, atol=1e-5), name
+        assert torch.equal(getattr(model, name), getattr(ema, name)), name
+    assert restored[0].prior_epoch == 1
+    # training goes on exactly as with the prior it had: the refit draws nothing from its random streams
+    train(config("one", 1, 2), resume=True)
+    train(config("three", 3, 2), resume=True)
+    one, three = (weights(tmp_path / f"logs/{n}/last.pt", "raw_model") for n in ("one", "three"))
+    assert_same_weights(*({k: v for k, v in w.items() if not k.startswith("prior_")} for w in (one, three)))
+    assert load_checkpoint(tmp_path / "logs/three/last.pt")["model"]["prior_mix_mean"].shape == (3, 3, 8)
+
+
 def test_without_fid_the_prior_is_fitted_once_at_the_end_and_best_gets_its_own(tmp_path, image_folder, monkeypatch):
     cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3})
     fits, scripted_elbo = [], iter([30.0, 20.0, 25.0])  # epoch 2 is the best, 3 the last
