@@ -204,6 +204,8 @@ DEFAULTS = {
         "samples_per_class": 8,   # columns of samples.png
         "num_reconstructions": 16,
         "temperature": 1.0,       # scale of the prior's standard deviation when sampling
+        "prior_components": 0,    # 0 = sample from the checkpoint's own prior; n = refit n Gaussians per class
+                                  # (model.prior_components) to its weights first: a mixture without retraining
     },
 }
 
@@ -339,6 +341,7 @@ RANGES = {
     "test.samples_per_class": (1, None, True),
     "test.num_reconstructions": (1, None, True),
     "test.temperature": (0.0, None, False),
+    "test.prior_components": (0, 257, True),
     "loss.perceptual": (0.0, None, True),
     "loss.adversarial": (0.0, None, True),
     "loss.perceptual_jitter": (0, None, True),
@@ -2786,6 +2789,14 @@ def model_from_checkpoint(ckpt, device="cpu"):
     return model.to(device).eval()
 
 
+def with_prior_components(ckpt, components, device="cpu"):
+    """The checkpoint's model with room for a prior of `components` Gaussians per class, not yet fitted
+    (fit_prior): how a finished run is sampled from a mixture of another size without retraining."""
+    config = {**ckpt["config"], "model": {**ckpt["config"]["model"], "prior_components": components}}
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("prior_mix_")}
+    return model_from_checkpoint({**ckpt, "config": config, "model": weights}, device)
+
+
 def refit_stale_prior(path, get_train_set, device="cpu", amp_dtype=None):
     """Give a checkpoint whose weights are newer than its fitted prior (a best checkpoint chosen by ELBO
     between fits) the prior of its own weights, in place. train() runs it on best.pt when training ends or
@@ -3081,8 +3092,12 @@ def restore_run(run, ckpt):
         on_rank0(run.world, lambda: fit_run_prior(run))
         broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
         if run.world.is_main:
-            print(f"model.prior_components changed from {saved['model']['prior_components']} to "
-                  f"{cfg['model']['prior_components']}: the prior is refitted to the saved weights")
+            m = cfg["model"]["prior_components"]
+            done = (f"; the run has finished, so nothing is trained or saved: to sample its weights from {m} "
+                    f"Gaussians per class use run.mode=test test.prior_components={m}"
+                    if run.epoch >= cfg["train"]["epochs"] else "")
+            print(f"model.prior_components changed from {saved['model']['prior_components']} to {m}: the prior is "
+                  f"refitted to the saved weights{done}")
 
 
 @contextlib.contextmanager
@@ -3551,6 +3566,14 @@ def test(cfg, fid_features=None, second_features=None):
 
     metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set),
                "prior": prior_description(ckpt)}
+    m = tc["prior_components"]
+    if m and m != merge_config(DEFAULTS, ckpt["config"], "checkpoint config")["model"]["prior_components"]:
+        if tcfg["model"]["prior"] != "fitted":
+            raise ConfigError(f"{ckpt_path} samples from N(0, I) (model.prior=standard): test.prior_components "
+                              f"refits a fitted prior only; leave it at 0")
+        model = with_prior_components(ckpt, m, device)
+        fit_prior(model, data.subset(train_idx), device)
+        metrics["prior"] = f"refitted to epoch {ckpt['epoch']}'s weights by test mode, {m} Gaussians per class"
     metrics.update(evaluate_elbo(model, val_set, device)[0])
     samples, nrow, labels = sample_grid(model, ckpt["classes"], tc["samples_per_class"], cfg["run"]["seed"],
                                         tc["temperature"])

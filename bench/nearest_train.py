@@ -47,7 +47,7 @@ def probe(checkpoint, data_root, components=(), n=600, seed=0):
     for k in (1, *components):
         sampler = model
         if k > 1:
-            sampler = quality.with_prior_components(ckpt, k, "cpu")
+            sampler = run_vae.with_prior_components(ckpt, k, "cpu")
             run_vae.fit_prior(sampler, None, "cpu", posteriors=posteriors)
         with run_vae.fixed_noise(seed):
             rows[f"samples, {k} per class"] = run_vae.to_uint8(sampler.sample(

@@ -313,7 +313,7 @@ def test_a_mixture_prior_is_fitted_saved_and_sampled_in_test_mode(tmp_path, imag
 
 
 def test_a_run_resumed_with_another_number_of_gaussians_refits_its_prior_and_trains_on_unchanged(
-        tmp_path, image_folder, monkeypatch):
+        tmp_path, image_folder, monkeypatch, capsys):
     import shutil
     def config(name, components, epochs):
         return tiny_config(tmp_path, image_folder, run={"name": name}, train={"epochs": epochs, "ema": 0.9},
@@ -342,6 +342,36 @@ def test_a_run_resumed_with_another_number_of_gaussians_refits_its_prior_and_tra
     one, three = (weights(tmp_path / f"logs/{n}/last.pt", "raw_model") for n in ("one", "three"))
     assert_same_weights(*({k: v for k, v in w.items() if not k.startswith("prior_")} for w in (one, three)))
     assert load_checkpoint(tmp_path / "logs/three/last.pt")["model"]["prior_mix_mean"].shape == (3, 3, 8)
+    # a finished run has nothing to train: the refit would be lost, so the message says where to get it
+    capsys.readouterr()
+    train(config("one", 3, 2), resume=True)
+    assert "nothing is trained or saved" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "logs/one/last.pt")["config"]["model"]["prior_components"] == 1
+
+
+def test_test_mode_samples_a_finished_run_from_a_mixture_fitted_to_its_weights(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 1})
+    summary = train(cfg)
+    def test_mode(components, out):
+        return run_vae.test({**cfg, "test": {**cfg["test"], "prior_components": components,
+                                             "out_dir": str(tmp_path / out), "samples_per_class": 2}})
+    assert test_mode(0, "own")["prior"] == "fitted at epoch 1"
+    mixed = test_mode(3, "mixed")
+    assert mixed["prior"] == "refitted to epoch 1's weights by test mode, 3 Gaussians per class"
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    by_hand = run_vae.with_prior_components(ckpt, 3)
+    data, train_idx, _ = run_vae.load_data(cfg)
+    run_vae.fit_prior(by_hand, data.subset(train_idx), "cpu")
+    images, nrow, labels = run_vae.sample_grid(by_hand, data.classes, 2, cfg["run"]["seed"])
+    run_vae.make_grid_image(images, nrow, labels).save(tmp_path / "by_hand.png")
+    assert (tmp_path / "mixed/samples.png").read_bytes() == (tmp_path / "by_hand.png").read_bytes()
+    assert (tmp_path / "mixed/samples.png").read_bytes() != (tmp_path / "own/samples.png").read_bytes()
+    assert load_checkpoint(summary["best_checkpoint"])["config"]["model"]["prior_components"] == 1  # untouched
+    standard = tiny_config(tmp_path, image_folder, run={"name": "std"}, model={"prior": "standard"},
+                           train={"epochs": 1})
+    train(standard)
+    with pytest.raises(ConfigError, match="refits a fitted prior only"):
+        run_vae.test({**standard, "test": {**standard["test"], "prior_components": 3, "out_dir": str(tmp_path / "s")}})
 
 
 def test_without_fid_the_prior_is_fitted_once_at_the_end_and_best_gets_its_own(tmp_path, image_folder, monkeypatch):
