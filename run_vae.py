@@ -204,8 +204,9 @@ DEFAULTS = {
         "samples_per_class": 8,   # columns of samples.png
         "num_reconstructions": 16,
         "temperature": 1.0,       # scale of the prior's standard deviation when sampling
-        "prior_components": 0,    # 0 = sample from the checkpoint's own prior; n = refit n Gaussians per class
-                                  # (model.prior_components) to its weights first: a mixture without retraining
+        "prior_components": 0,    # 0 (or the checkpoint's own size) = sample from the checkpoint's prior; n = refit
+                                  # n Gaussians per class (model.prior_components) to its weights first: a mixture
+                                  # without retraining
     },
 }
 
@@ -3033,9 +3034,7 @@ def check_resumable(cfg, ckpt, path):
     """The model, the image size and the batch size of a run to resume must match its last.pt: they fix the
     weights' shapes and the epoch's batch order. Returns the checkpoint."""
     saved = merge_config(DEFAULTS, ckpt["config"], str(path))  # keys added since take their defaults
-    # the number of Gaussians in the fitted prior sets no weight: restore_run refits the prior instead
-    model_cfg = {**cfg["model"], "prior_components": saved["model"]["prior_components"]}
-    fixed = {"model": (saved["model"], model_cfg),
+    fixed = {"model": (saved["model"], cfg["model"]),
              "data.image_size": (saved["data"]["image_size"], cfg["data"]["image_size"]),
              "train.batch_size": (saved["train"]["batch_size"], cfg["train"]["batch_size"])}
     for name, (old, new) in fixed.items():
@@ -3043,8 +3042,13 @@ def check_resumable(cfg, ckpt, path):
         if diff and diff[1] != diff[2]:
             why = ("it sets the epoch's batch order and step count" if name == "train.batch_size"
                    else "it sets the shapes of the saved weights")
+            # the mixture's size sets buffer shapes only, but best.pt and the FID that chose it belong to the
+            # old prior: a resize is a sampling question, which test mode answers without touching the run
+            other_prior = (f" To sample these weights from {diff[2]} Gaussians per class instead, use run.mode=test "
+                           f"test.checkpoint={path} test.prior_components={diff[2]}."
+                           if diff[0] == "model.prior_components" else "")
             raise ConfigError(f"{path} was trained with {diff[0]}={diff[1]!r}, not {diff[2]!r}, and "
-                              f"{why}. Resume with {diff[0]}={diff[1]!r}, or start a new run.name.")
+                              f"{why}. Resume with {diff[0]}={diff[1]!r}, or start a new run.name.{other_prior}")
     return ckpt
 
 
@@ -3054,15 +3058,12 @@ def restore_run(run, ckpt):
     differ from the run that wrote it: batches are global, only ranks without a saved state get new noise."""
     saved = merge_config(DEFAULTS, ckpt["config"], str(run.paths.last))
     cfg = run.cfg
-    new_mixture = saved["model"]["prior_components"] != cfg["model"]["prior_components"]
-    def weights(state):  # a mixture of another size is left out; it is refitted below
-        return {k: v for k, v in state.items() if not (new_mixture and "prior_mix_" in k)}
-    run.model.load_state_dict(with_prior_buffers(run.model, weights(ckpt.get("raw_model", ckpt["model"]))))
+    run.model.load_state_dict(with_prior_buffers(run.model, ckpt.get("raw_model", ckpt["model"])))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None and "ema" in ckpt:
-        run.ema.load_state_dict(with_prior_buffers(run.ema.module, weights(ckpt["ema"]), prefix="module."))
+        run.ema.load_state_dict(with_prior_buffers(run.ema.module, ckpt["ema"], prefix="module."))
     if run.sharp is not None or ckpt.get("sharp"):
         if run.sharp is None:
             raise ConfigError(f"{run.paths.last} was trained with a discriminator (loss.adversarial > 0); "
@@ -3088,16 +3089,6 @@ def restore_run(run, ckpt):
         print(f"resuming {run.paths.run_dir} at epoch {run.epoch} step {run.step}"
               + (f" ({len(states)} process(es) wrote it, {run.world.size} continue it)"
                  if len(states) != run.world.size else ""))
-    if new_mixture and run.prior_epoch:  # the saved weights' prior, with the Gaussians asked for now
-        on_rank0(run.world, lambda: fit_run_prior(run))
-        broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
-        if run.world.is_main:
-            m = cfg["model"]["prior_components"]
-            done = (f"; the run has finished, so nothing is trained or saved: to sample its weights from {m} "
-                    f"Gaussians per class use run.mode=test test.prior_components={m}"
-                    if run.epoch >= cfg["train"]["epochs"] else "")
-            print(f"model.prior_components changed from {saved['model']['prior_components']} to {m}: the prior is "
-                  f"refitted to the saved weights{done}")
 
 
 @contextlib.contextmanager
@@ -3567,13 +3558,14 @@ def test(cfg, fid_features=None, second_features=None):
     metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set),
                "prior": prior_description(ckpt)}
     m = tc["prior_components"]
-    if m and m != merge_config(DEFAULTS, ckpt["config"], "checkpoint config")["model"]["prior_components"]:
+    if m and m != tcfg["model"]["prior_components"]:
         if tcfg["model"]["prior"] != "fitted":
             raise ConfigError(f"{ckpt_path} samples from N(0, I) (model.prior=standard): test.prior_components "
                               f"refits a fitted prior only; leave it at 0")
         model = with_prior_components(ckpt, m, device)
         fit_prior(model, data.subset(train_idx), device)
-        metrics["prior"] = f"refitted to epoch {ckpt['epoch']}'s weights by test mode, {m} Gaussians per class"
+        size = f"{m} Gaussians per class" if m > 1 else "one Gaussian per class"
+        metrics["prior"] = f"refitted to epoch {ckpt['epoch']}'s weights by test mode, {size}"
     metrics.update(evaluate_elbo(model, val_set, device)[0])
     samples, nrow, labels = sample_grid(model, ckpt["classes"], tc["samples_per_class"], cfg["run"]["seed"],
                                         tc["temperature"])

@@ -312,41 +312,16 @@ def test_a_mixture_prior_is_fitted_saved_and_sampled_in_test_mode(tmp_path, imag
     assert meta["prior"].endswith("3 Gaussians per class; the gallery draws from each class's single Gaussian")
 
 
-def test_a_run_resumed_with_another_number_of_gaussians_refits_its_prior_and_trains_on_unchanged(
-        tmp_path, image_folder, monkeypatch, capsys):
-    import shutil
-    def config(name, components, epochs):
-        return tiny_config(tmp_path, image_folder, run={"name": name}, train={"epochs": epochs, "ema": 0.9},
-                           model={"conditional": True, "prior_components": components})
-    train(config("one", 1, 1))  # finished: its one Gaussian per class fitted at epoch 1
-    shutil.copytree(tmp_path / "logs/one", tmp_path / "logs/three")
-    restored = []
-    with monkeypatch.context() as patch:  # the run as restored, before any step
-        patch.setattr(run_vae, "run_epochs", lambda run, report, max_epochs: restored.append(run) or {})
-        train(config("three", 3, 2), resume=True)
-    model, ema = restored[0].model, restored[0].ema.module
-    saved = load_checkpoint(tmp_path / "logs/one/last.pt")
-    assert torch.equal(model.prior_mean, saved["raw_model"]["prior_mean"])  # the single Gaussians: refitted alike
-    expected = run_vae.model_from_checkpoint(saved)  # what a fresh fit of the saved (EMA) weights gives
-    mixture = run_vae.VAE(16, latent_dim=8, num_classes=3, prior_components=3)
-    mixture.load_state_dict(expected.state_dict(), strict=False)
-    data, train_idx, _ = run_vae.load_data(config("three", 3, 2))
-    run_vae.fit_prior(mixture, data.subset(train_idx), "cpu")
-    for name, value in mixture.prior_state().items():
-        assert torch.allclose(getattr(ema, name), value, atol=1e-5), name
-        assert torch.equal(getattr(model, name), getattr(ema, name)), name
-    assert restored[0].prior_epoch == 1
-    # training goes on exactly as with the prior it had: the refit draws nothing from its random streams
-    train(config("one", 1, 2), resume=True)
-    train(config("three", 3, 2), resume=True)
-    one, three = (weights(tmp_path / f"logs/{n}/last.pt", "raw_model") for n in ("one", "three"))
-    assert_same_weights(*({k: v for k, v in w.items() if not k.startswith("prior_")} for w in (one, three)))
-    assert load_checkpoint(tmp_path / "logs/three/last.pt")["model"]["prior_mix_mean"].shape == (3, 3, 8)
-    # a finished run has nothing to train: the refit would be lost, so the message says where to get it
-    capsys.readouterr()
-    train(config("one", 3, 2), resume=True)
-    assert "nothing is trained or saved" in capsys.readouterr().out
-    assert load_checkpoint(tmp_path / "logs/one/last.pt")["config"]["model"]["prior_components"] == 1
+def test_a_resume_with_another_number_of_gaussians_is_refused_and_points_to_test_mode(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 2})
+    train(cfg, max_epochs=1)
+    other = {**cfg, "model": {**cfg["model"], "prior_components": 3}}
+    with pytest.raises(ConfigError, match=r"prior_components=1.*run.mode=test test.checkpoint=.*last.pt "
+                                          r"test.prior_components=3"):
+        train(other, resume=True)
+    with pytest.raises(ConfigError) as refused:  # another model change gets no such pointer
+        train({**cfg, "model": {**cfg["model"], "latent_dim": 4}}, resume=True)
+    assert "test.prior_components" not in str(refused.value)
 
 
 def test_test_mode_samples_a_finished_run_from_a_mixture_fitted_to_its_weights(tmp_path, image_folder):
@@ -356,6 +331,8 @@ def test_test_mode_samples_a_finished_run_from_a_mixture_fitted_to_its_weights(t
         return run_vae.test({**cfg, "test": {**cfg["test"], "prior_components": components,
                                              "out_dir": str(tmp_path / out), "samples_per_class": 2}})
     assert test_mode(0, "own")["prior"] == "fitted at epoch 1"
+    assert test_mode(1, "own1")["prior"] == "fitted at epoch 1"  # its own size: its own fit, as with 0
+    assert (tmp_path / "own1/samples.png").read_bytes() == (tmp_path / "own/samples.png").read_bytes()
     mixed = test_mode(3, "mixed")
     assert mixed["prior"] == "refitted to epoch 1's weights by test mode, 3 Gaussians per class"
     ckpt = load_checkpoint(summary["best_checkpoint"])
