@@ -75,7 +75,7 @@ DEFAULTS = {
         "prior_components": 1,    # Gaussians per class in the fitted prior: 1 = the posteriors' overall mean and
                                   # covariance; more = a mixture fitted to the posterior means by EM (scikit-learn),
                                   # each widened by the mean posterior variance: samples stay near the modes the
-                                  # training images were encoded to. 10 lowered apples FID by 7-9 and tied on
+                                  # training images were encoded to. 10 lowered apples FID by 8-10 and tied on
                                   # the paintings; 30 brought samples close to training images
                                   # (docs/results.md). The gallery draws from the overall Gaussian
         "upsample": "transposed", # how the decoder doubles its resolution: transposed (4x4 stride-2 transposed
