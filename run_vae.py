@@ -3539,9 +3539,14 @@ def test(cfg, fid_features=None, second_features=None):
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(cfg["run"]["device"])
     cfg = {**cfg, "fid": resolve_fid_auto(cfg["fid"], device)}
-    model = model_from_checkpoint(ckpt, device)
     # the split and image size come from training, so "validation" means the images it never saw
     tcfg = merge_config(DEFAULTS, ckpt["config"], "checkpoint config")
+    m = tc["prior_components"]
+    refit = bool(m) and m != tcfg["model"]["prior_components"]
+    if refit and tcfg["model"]["prior"] != "fitted":
+        raise ConfigError(f"{ckpt_path} samples from N(0, I) (model.prior=standard): test.prior_components "
+                          f"refits a fitted prior only; leave it at 0")
+    model = with_prior_components(ckpt, m, device) if refit else model_from_checkpoint(ckpt, device)
     tcfg["data"]["root"], tcfg["data"]["cache_dir"] = cfg["data"]["root"], cfg["data"]["cache_dir"]
     tcfg["data"]["demo"] = cfg["data"]["demo"]
     tcfg["fid"], tcfg["run"]["device"] = cfg["fid"], cfg["run"]["device"]
@@ -3557,12 +3562,7 @@ def test(cfg, fid_features=None, second_features=None):
 
     metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set),
                "prior": prior_description(ckpt)}
-    m = tc["prior_components"]
-    if m and m != tcfg["model"]["prior_components"]:
-        if tcfg["model"]["prior"] != "fitted":
-            raise ConfigError(f"{ckpt_path} samples from N(0, I) (model.prior=standard): test.prior_components "
-                              f"refits a fitted prior only; leave it at 0")
-        model = with_prior_components(ckpt, m, device)
+    if refit:
         fit_prior(model, data.subset(train_idx), device)
         size = f"{m} Gaussians per class" if m > 1 else "one Gaussian per class"
         metrics["prior"] = f"refitted to epoch {ckpt['epoch']}'s weights by test mode, {size}"
