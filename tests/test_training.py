@@ -336,9 +336,10 @@ def test_test_mode_samples_a_finished_run_from_a_mixture_fitted_to_its_weights(t
     mixed = test_mode(3, "mixed")
     assert mixed["prior"] == "refitted to epoch 1's weights by test mode, 3 Gaussians per class"
     ckpt = load_checkpoint(summary["best_checkpoint"])
-    by_hand = run_vae.with_prior_components(ckpt, 3)
     data, train_idx, _ = run_vae.load_data(cfg)
-    run_vae.fit_prior(by_hand, data.subset(train_idx), "cpu")
+    by_hand = run_vae.build_model(cfg | {"model": {**cfg["model"], "prior_components": 3}}, len(data.classes))
+    by_hand.load_state_dict(ckpt["model"], strict=False)  # the trained weights; the mixture's buffers stay unset
+    run_vae.fit_prior(by_hand.eval(), data.subset(train_idx), "cpu")
     images, nrow, labels = run_vae.sample_grid(by_hand, data.classes, 2, cfg["run"]["seed"])
     run_vae.make_grid_image(images, nrow, labels).save(tmp_path / "by_hand.png")
     assert (tmp_path / "mixed/samples.png").read_bytes() == (tmp_path / "by_hand.png").read_bytes()
