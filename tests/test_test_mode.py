@@ -143,6 +143,21 @@ def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("components", [0, 2])
+def test_a_folder_with_more_classes_than_the_checkpoint_is_a_clear_error(trained, tmp_path, capsys, components):
+    """With a prior refit too (test.prior_components): the check runs before any fit on the wrong labels."""
+    from conftest import CLASS_COLOURS, make_image_folder
+    cfg, ckpt = trained
+    more = make_image_folder(tmp_path / "more", classes={**CLASS_COLOURS, "zz_purple": (128, 0, 128)})
+    (tmp_path / "t.yaml").write_text(
+        f"run:\n  mode: test\ndata:\n  root: {more}\n  cache_dir: {tmp_path / 'cache'}\nfid:\n  enabled: false\n"
+        f"test:\n  checkpoint: {ckpt}\n  out_dir: {tmp_path / 'out'}\n  prior_components: {components}\n")
+    with pytest.warns(UserWarning, match="differ from the checkpoint"):
+        assert run_vae.main(["--config", str(tmp_path / "t.yaml")]) == 2
+    assert "data has 4 classes but the model knows 3" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_a_class_norm_run_learns_its_per_class_scales_samples_from_best_pt_and_resumes_only_with_them(
         tmp_path, image_folder):
     model = {"conditional": True, "class_norm": True}
