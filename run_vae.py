@@ -2790,13 +2790,19 @@ def model_from_checkpoint(ckpt, device="cpu"):
     return model.to(device).eval()
 
 
+def model_with_prior_size(ckpt, components, device="cpu"):
+    """The checkpoint's model with room for a prior of `components` Gaussians per class, not yet fitted."""
+    config = {**ckpt["config"], "model": {**ckpt["config"]["model"], "prior_components": components}}
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("prior_mix_")}
+    return model_from_checkpoint({**ckpt, "config": config, "model": weights}, device)
+
+
 def with_prior_components(ckpt, components, train_set, device="cpu", posteriors=None):
     """The checkpoint's model with its prior refitted to `train_set` as `components` Gaussians per class: how a
     finished run is sampled from a mixture of another size without retraining. `posteriors` (encode_posteriors
-    of these weights, keep_codes=True) saves encoding the images again when several sizes are tried."""
-    config = {**ckpt["config"], "model": {**ckpt["config"]["model"], "prior_components": components}}
-    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("prior_mix_")}
-    model = model_from_checkpoint({**ckpt, "config": config, "model": weights}, device)
+    of these weights, keep_codes=True) stands in for train_set, which may then be None, when several sizes
+    are tried on one encoding."""
+    model = model_with_prior_size(ckpt, components, device)
     fit_prior(model, train_set, device, posteriors=posteriors)
     return model
 
@@ -3549,7 +3555,8 @@ def test(cfg, fid_features=None, second_features=None):
     if refit and tcfg["model"]["prior"] != "fitted":
         raise ConfigError(f"{ckpt_path} samples from N(0, I) (model.prior=standard): test.prior_components "
                           f"refits a fitted prior only; leave it at 0")
-    model = None if refit else model_from_checkpoint(ckpt, device)  # a refit waits for the training images
+    # built before the data is read, so that weights which do not fit their config are reported first
+    model = model_with_prior_size(ckpt, m, device) if refit else model_from_checkpoint(ckpt, device)
     tcfg["data"]["root"], tcfg["data"]["cache_dir"] = cfg["data"]["root"], cfg["data"]["cache_dir"]
     tcfg["data"]["demo"] = cfg["data"]["demo"]
     tcfg["fid"], tcfg["run"]["device"] = cfg["fid"], cfg["run"]["device"]
@@ -3560,14 +3567,14 @@ def test(cfg, fid_features=None, second_features=None):
         warnings.warn(f"classes in {tcfg['data']['root']} {data.classes} differ from the checkpoint's "
                       f"{ckpt['classes']}; labels follow the folder order")
     val_set = data.subset(val_idx) if len(val_idx) else data
-    num_classes = len(ckpt["classes"]) if tcfg["model"]["conditional"] else 0
-    if num_classes and int(data.labels.max()) >= num_classes:
-        raise CheckpointError(f"data has {len(data.classes)} classes but the model knows {num_classes}")
+    # every label, not the held-out ones only: a refit below fits the prior to the training images' classes
+    if model.num_classes and int(data.labels.max()) >= model.num_classes:
+        raise CheckpointError(f"data has {len(data.classes)} classes but the model knows {model.num_classes}")
 
     metrics = {"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "num_val_images": len(val_set),
                "prior": prior_description(ckpt)}
     if refit:
-        model = with_prior_components(ckpt, m, data.subset(train_idx), device)
+        fit_prior(model, data.subset(train_idx), device)
         size = f"{m} Gaussians per class" if m > 1 else "one Gaussian per class"
         metrics["prior"] = f"refitted to epoch {ckpt['epoch']}'s weights by test mode, {size}"
     metrics.update(evaluate_elbo(model, val_set, device)[0])

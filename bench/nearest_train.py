@@ -45,7 +45,7 @@ def probe(checkpoint, data_root, components=(), n=600, seed=0):
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
     posteriors = run_vae.encode_posteriors(model, train, "cpu", keep_codes=True) if components else None
     for k in (1, *components):
-        sampler = run_vae.with_prior_components(ckpt, k, None, "cpu", posteriors) if k > 1 else model
+        sampler = run_vae.with_prior_components(ckpt, k, None, "cpu", posteriors=posteriors) if k > 1 else model
         with run_vae.fixed_noise(seed):
             rows[f"samples, {k} per class"] = run_vae.to_uint8(sampler.sample(
                 n, labels, generator=torch.Generator().manual_seed(seed),

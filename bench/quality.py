@@ -125,7 +125,7 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     posteriors = run_vae.encode_posteriors(model, data.subset(train_idx), device, keep_codes=True) \
         if prior_components else None  # one encoding of the training images serves every m
     for m in prior_components:  # the same weights, the prior refitted as a mixture of m Gaussians per class
-        mixture = run_vae.with_prior_components(ckpt, m, None, device, posteriors)
+        mixture = run_vae.with_prior_components(ckpt, m, None, device, posteriors=posteriors)
         row[f"components_{m}"] = {k: v for k, v in scorer.score(mixture).items() if k in TEMPERED}
         row[f"samples_k{m}"] = grid(f"samples_k{m}.png", sampler=mixture)
     return row

@@ -145,10 +145,17 @@ def test_cli_test_mode_on_a_bad_checkpoint_exits_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize("components", [0, 2])
 def test_a_folder_with_more_classes_than_the_checkpoint_is_a_clear_error(trained, tmp_path, capsys, components):
-    """With a prior refit too (test.prior_components): the check runs before any fit on the wrong labels."""
-    from conftest import CLASS_COLOURS, make_image_folder
+    """The extra class has one image, which the checkpoint's split puts among the training images: the check
+    reads every label, not only the held-out ones, and runs before a refit (test.prior_components) would fit
+    a prior to a class the model does not have."""
+    import shutil
     cfg, ckpt = trained
-    more = make_image_folder(tmp_path / "more", classes={**CLASS_COLOURS, "zz_purple": (128, 0, 128)})
+    more = tmp_path / "more"
+    shutil.copytree(cfg["data"]["root"], more)
+    (more / "zz_extra").mkdir()
+    shutil.copy(next((more / "Red").glob("*.png")), more / "zz_extra" / "only.png")
+    _, train_idx, val_idx = run_vae.load_data({**cfg, "data": {**cfg["data"], "root": str(more)}})
+    assert len(train_idx) + len(val_idx) == 37 and 36 in train_idx.tolist()  # the extra image, in training
     (tmp_path / "t.yaml").write_text(
         f"run:\n  mode: test\ndata:\n  root: {more}\n  cache_dir: {tmp_path / 'cache'}\nfid:\n  enabled: false\n"
         f"test:\n  checkpoint: {ckpt}\n  out_dir: {tmp_path / 'out'}\n  prior_components: {components}\n")
