@@ -324,16 +324,24 @@ def test_a_resume_with_another_number_of_gaussians_is_refused_and_points_to_test
     assert "test.prior_components" not in str(refused.value)
 
 
-def test_test_mode_samples_a_finished_run_from_a_mixture_fitted_to_its_weights(tmp_path, image_folder):
+def test_test_mode_samples_a_finished_run_from_a_mixture_fitted_to_its_weights(tmp_path, image_folder, monkeypatch):
     cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 1})
     summary = train(cfg)
+    builds = []
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return model_from_checkpoint(*args, **kwargs)
+    model_from_checkpoint = run_vae.model_from_checkpoint
+    monkeypatch.setattr(run_vae, "model_from_checkpoint", counted)
     def test_mode(components, out):
         return run_vae.test({**cfg, "test": {**cfg["test"], "prior_components": components,
                                              "out_dir": str(tmp_path / out), "samples_per_class": 2}})
     assert test_mode(0, "own")["prior"] == "fitted at epoch 1"
     assert test_mode(1, "own1")["prior"] == "fitted at epoch 1"  # its own size: its own fit, as with 0
     assert (tmp_path / "own1/samples.png").read_bytes() == (tmp_path / "own/samples.png").read_bytes()
+    builds.clear()
     mixed = test_mode(3, "mixed")
+    assert len(builds) == 1  # the checkpoint goes straight into the model of the asked size
     assert mixed["prior"] == "refitted to epoch 1's weights by test mode, 3 Gaussians per class"
     ckpt = load_checkpoint(summary["best_checkpoint"])
     data, train_idx, _ = run_vae.load_data(cfg)
