@@ -17,6 +17,7 @@ held-out real images and on the samples (against the class each was drawn for).
     python bench/quality.py --standard-prior                 # + the same noise through N(0, I): samples_standard.png
     python bench/quality.py --checkpoint <run>/last.pt --temperatures 0.7,0.5   # + the prior's spread scaled down, samples_t0.7.png, ...
     python bench/quality.py --checkpoint <run>/last.pt --prior-components 10   # + a mixture prior, samples_k10.png
+    python bench/quality.py --checkpoint <run>/last.pt --label-scales 2   # + a CVAE's label extrapolated, samples_labels2.png
 
 A protocol fixes the config, data, epochs and N of one data set; --config, --data, --epochs, --num-samples
 and --num-real change single parts of it. Data folders default to ../shared/data/<name> beside the repo.
@@ -25,6 +26,7 @@ and recall shrink as N grows. Real features are cached under .cache/, so only th
 the 90 % train split is fixed by run.seed.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,13 +69,13 @@ COLUMNS = [("fid", "FID", 8, ".2f"), ("fd_eff", "FD_eff", 8, ".2f"), ("kid", "KI
 # scores of the same weights another way, printed after the row: (row key, label, number format)
 EXTRAS = [("recon_fid", "reconstructions: FID", ".2f"), ("standard_prior_fid", "N(0, I) prior: FID", ".2f"),
           ("standard_prior_fd_eff", "FD_eff", ".2f"), ("standard_prior_class_acc_gen", "class acc.", ".3f")]
-TEMPERED = ("fid", "fd_eff", "precision", "recall", "class_acc_gen")  # --temperatures and --standard-prior report
+TEMPERED = ("fid", "fd_eff", "precision", "recall", "class_acc_gen")  # what each rescoring of the weights reports
 SCORES = ("fid", "kid", "kid_std", "fd_eff", "precision", "recall", "density", "coverage", "pr_num",
           "class_acc_real", "class_acc_gen")
 
 
 def measure(config, data_root, overrides, epochs, num_samples, num_real, name, out_dir, checkpoint=None,
-            recon=False, standard_prior=False, temperatures=(), prior_components=()):
+            recon=False, standard_prior=False, temperatures=(), prior_components=(), label_scales=()):
     # the published rows were scored with Inception in fp32: a protocol stays there unless overridden
     overrides = [f"data.root={data_root}", f"train.epochs={epochs}", "fid.enabled=false", "fid.precision=fp32",
                  f"run.name={name}", f"run.log_dir={out_dir}", f"run.best_dir={out_dir}/best",
@@ -81,6 +83,7 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     cfg = run_vae.load_config(config, overrides)
     t0 = time.time()
     finished_run = checkpoint is not None
+    check_label_scales(label_scales, cfg["model"]["conditional"] or finished_run)  # before hours of training
     if not finished_run:
         summary = run_vae.train(cfg)
         checkpoint = Path(summary["run_dir"]) / "last.pt"  # the final weights (EMA if on)
@@ -105,10 +108,26 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
            "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"), **scorer.describe(),
            "prior": run_vae.prior_description(ckpt)}
     row["extractor"] = row["fid_extractor"]
+    check_label_scales(label_scales, model.num_classes > 0)
+    rescore(row, ckpt, model, scorer, data, train_idx, cfg["run"]["seed"], Path(checkpoint), recon, standard_prior,
+            temperatures, prior_components, label_scales)
+    return row
+
+
+def rescore(row, ckpt, model, scorer, data, train_idx, seed, checkpoint, recon, standard_prior, temperatures,
+            prior_components, label_scales):
+    """Add to `row` the scores of the same weights sampled other ways, and save every grid beside `checkpoint`."""
     if recon:
-        row["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, num_samples, cfg["run"]["seed"])
-    def grid(file, temperature=1.0, sampler=model):  # every grid of one run: the same seeded noise, beside last.pt
-        return save_samples(sampler, data.classes, cfg["run"]["seed"], Path(checkpoint).with_name(file), temperature)
+        row["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, scorer.cfg["fid"]["num_samples"], seed)
+
+    def grid(file, temperature=1.0, sampler=model):  # every grid of one run: the same seeded noise
+        return save_samples(sampler, data.classes, seed, checkpoint.with_name(file), temperature)
+
+    def score_label_scales(suffix=""):  # the same noise, the label extrapolated, under the prior in use now
+        for w in label_scales:
+            with extrapolated_labels(model, w):
+                row[f"labels_{w:g}{suffix}"] = {k: v for k, v in scorer.score(model).items() if k in TEMPERED}
+                row[f"samples_labels{w:g}{suffix}"] = grid(f"samples_labels{w:g}{suffix}.png")
 
     if standard_prior:  # the same noise decoded through N(0, I): what the fitted prior adds
         fitted = model.prior_state()
@@ -116,8 +135,10 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
         standard = scorer.score(model)
         row.update({f"standard_prior_{k}": standard[k] for k in TEMPERED if k in standard})
         row["samples_standard"] = grid("samples_standard.png")
+        score_label_scales("_standard")
         model.load_prior(fitted)
     row["samples"] = grid("samples.png")
+    score_label_scales()
     for t in temperatures:  # the same noise scaled by t: what a narrower prior trades between the metrics
         row[f"temperature_{t:g}"] = {k: v for k, v in scorer.score(model, temperature=t).items() if k in TEMPERED}
         row[f"samples_t{t:g}"] = grid(f"samples_t{t:g}.png", t)
@@ -128,7 +149,29 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
         mixture = run_vae.with_prior_components(ckpt, m, None, device, posteriors=posteriors)
         row[f"components_{m}"] = {k: v for k, v in scorer.score(mixture).items() if k in TEMPERED}
         row[f"samples_k{m}"] = grid(f"samples_k{m}.png", sampler=mixture)
-    return row
+
+
+def check_label_scales(label_scales, conditional):
+    if label_scales and not conditional:
+        raise run_vae.ConfigError("--label-scales needs a conditional model (model.conditional: true)")
+
+
+@contextlib.contextmanager
+def extrapolated_labels(model, scale):
+    """While open, the CVAE's decoder is given each label pushed away from the classes' average by `scale`:
+    1/K + scale (one-hot - 1/K). Scale 1 is the label as trained; above 1 exaggerates what sets the classes
+    apart, as classifier-free guidance does with its two predictions. A sampling probe, not a training option:
+    on the paintings it lost (docs/results.md "Sharp samples")."""
+    decode, k = model.decode, model.num_classes
+
+    def decode_extrapolated(z, y=None):
+        return decode(z, 1.0 / k + scale * (model.one_hot(y) - 1.0 / k))
+
+    model.decode = decode_extrapolated  # on the instance: sample(), sample_grid() and the scorer all call it
+    try:
+        yield model
+    finally:
+        del model.decode
 
 
 def save_samples(model, classes, seed, path, temperature=1.0):
@@ -157,12 +200,21 @@ def format_table(rows):
                                            for key, _, width, fmt in COLUMNS]
         extras = [f"{label} {r[key]:{fmt}}" for key, label, fmt in EXTRAS if key in r]
         lines.append(" ".join(cells) + ("   " + ", ".join(extras) if extras else ""))
-        for key in (k for k in r if k.startswith(("temperature_", "components_"))):
+        for key in (k for k in r if k.startswith(("temperature_", "components_", "labels_"))):
             scores = ", ".join(f"{name} {r[key][name]:.3f}" for name in TEMPERED if name in r[key])
-            kind, value = key.split("_", 1)
-            where = f"at temperature {value}" if kind == "temperature" else f"with {value} Gaussians per class"
-            lines.append(f"{'':<10} {where}: {scores}")
+            lines.append(f"{'':<10} {describe_rescoring(key)}: {scores}")
     return "\n".join(lines)
+
+
+def describe_rescoring(key):
+    """How a row's rescoring of the same weights (temperature_0.7, components_10, labels_2_standard) sampled."""
+    kind, value = key.split("_", 1)
+    if kind == "temperature":
+        return f"at temperature {value}"
+    if kind == "components":
+        return f"with {value} Gaussians per class"
+    scale, _, standard = value.partition("_")
+    return f"labels extrapolated x{scale}" + (" from N(0, I)" if standard else "")
 
 
 def resolve_data(protocol, data):
@@ -192,6 +244,11 @@ def parse_numbers(text, flag, cast, setting, example):
 def parse_temperatures(text):
     """--temperatures as floats, each in test.temperature's range (0 would decode the class means alone, N times)."""
     return parse_numbers(text, "--temperatures", float, "test.temperature", "0.7,0.5")
+
+
+def parse_label_scales(text):
+    """--label-scales as floats, each in test.temperature's range (0 would give every class the same label)."""
+    return parse_numbers(text, "--label-scales", float, "test.temperature", "1.5,2")
 
 
 def parse_components(text):
@@ -226,6 +283,9 @@ def main():
     p.add_argument("--prior-components", default="",
                    help="comma-separated: also score the same weights with the prior refitted as a mixture of "
                         "each many Gaussians per class (model.prior_components)")
+    p.add_argument("--label-scales", default="",
+                   help="comma-separated: also score the same noise with a CVAE decoder's label extrapolated by each "
+                        "(1/K + s (one-hot - 1/K)); with --standard-prior from N(0, I) too")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = p.parse_args()
@@ -235,6 +295,7 @@ def main():
     data_root = resolve_data(args.protocol, args.data)
     temperatures = parse_temperatures(args.temperatures)
     components = parse_components(args.prior_components)
+    label_scales = parse_label_scales(args.label_scales)
     stamp = run_stamp()
     rows = []
     for variant in args.variants.split(","):
@@ -245,7 +306,7 @@ def main():
             rows.append(measure(str(protocol["config"]), data_root, VARIANTS[variant] + args.overrides,
                                 protocol["epochs"], protocol["num_samples"], protocol["num_real"],
                                 f"{variant}-{stamp}", args.out, args.checkpoint, args.recon, args.standard_prior,
-                                temperatures, components))
+                                temperatures, components, label_scales))
             rows[-1].update(variant=variant, protocol=args.protocol)
     except run_vae.StopRequested as e:
         # a shortened run's figures do not compare with the protocol's, so the bench does not score it itself

@@ -104,6 +104,57 @@ def test_mixtures_of_several_sizes_share_one_encoding_of_the_training_images(tin
     assert len(calls) == 1 and {"components_2", "components_3"} <= set(row)
 
 
+def test_extrapolated_labels_give_the_decoder_the_label_pushed_from_the_average_then_restore_it():
+    cfg = run_vae.load_config(None, {"data": {"image_size": 16}, "model": {"latent_dim": 8, "conditional": True,
+                                                                           "class_norm": True}})
+    model = run_vae.build_model(cfg, 3).eval()
+    z, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    plain = model.decode(z, y)
+    with torch.no_grad(), quality.extrapolated_labels(model, 2.0):
+        pushed = model.decode(z, y)
+        also_pushed = model.sample(4, y, generator=torch.Generator().manual_seed(0))
+    # 1/3 + 2 (one-hot - 1/3): 5/3 for the class, -1/3 for the others, worked out by hand
+    by_hand = torch.tensor([[5, -1, -1], [-1, 5, -1], [-1, -1, 5], [5, -1, -1]]) / 3
+    assert torch.allclose(pushed, model.decode(z, by_hand), atol=1e-6) and not torch.allclose(pushed, plain)
+    with torch.no_grad():
+        assert torch.allclose(also_pushed, model.decode(model.prior_z(torch.randn(
+            4, 8, generator=torch.Generator().manual_seed(0)), y, None), by_hand), atol=1e-6)
+    with quality.extrapolated_labels(model, 1.0):  # scale 1 is the label as trained
+        assert torch.allclose(model.decode(z, y), plain, atol=1e-6)
+    with pytest.raises(RuntimeError), quality.extrapolated_labels(model, 2.0):
+        raise RuntimeError("a failed score")
+    assert "decode" not in vars(model) and torch.equal(model.decode(z, y), plain)
+
+
+def test_label_scales_rescore_under_each_prior_and_scale_1_reproduces_the_run(tiny_run):
+    images, config, out = tiny_run
+    row = quality.measure(str(config), str(images), [], epochs=1, num_samples=12, num_real=10, name="g",
+                          out_dir=str(out), standard_prior=True, label_scales=[1.0, 3.0])
+    assert row["labels_1"]["fid"] == pytest.approx(row["fid"], rel=1e-4)
+    assert row["labels_1_standard"]["fid"] == pytest.approx(row["standard_prior_fid"], rel=1e-4)
+    for key in ("labels_3", "labels_3_standard"):
+        assert set(row[key]) == set(quality.TEMPERED)
+    assert row["labels_3"]["fid"] != pytest.approx(row["fid"], rel=1e-4)
+    assert row["labels_3_standard"]["fid"] != pytest.approx(row["standard_prior_fid"], rel=1e-4)
+    grid = Image.open(row["samples"]).tobytes()
+    assert Image.open(row["samples_labels3"]).tobytes() != grid
+    assert Image.open(row["samples_labels3_standard"]).tobytes() != Image.open(row["samples_standard"]).tobytes()
+    lines = quality.format_table([row]).splitlines()
+    assert "labels extrapolated x3 from N(0, I): fid" in "\n".join(lines)
+    assert any(line.strip().startswith("labels extrapolated x3: fid") for line in lines)
+
+
+def test_label_scales_on_an_unconditional_run_stop_before_training(tmp_path, monkeypatch):
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    monkeypatch.setattr(run_vae, "train", lambda cfg: pytest.fail("trained before the check"))
+    with pytest.raises(run_vae.ConfigError, match="needs a conditional model"):
+        quality.measure(None, str(images), ["model.conditional=false"], epochs=1, num_samples=4, num_real=4,
+                        name="u", out_dir=str(tmp_path / "out"), label_scales=[2.0])
+    assert quality.parse_label_scales("1.5, 2") == [1.5, 2.0]
+    with pytest.raises(SystemExit, match="greater than 0"):
+        quality.parse_label_scales("2,0")
+
+
 def test_protocols_name_their_data_and_a_missing_folder_says_what_to_do(tmp_path, capsys):
     assert quality.PROTOCOLS["impressionism"]["data"].parts[-3:] == ("shared", "data", "impressionism")
     assert quality.PROTOCOLS["apples"]["num_samples"] == quality.PROTOCOLS["apples"]["num_real"] == 2000
