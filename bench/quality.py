@@ -26,7 +26,7 @@ and recall shrink as N grows. Real features are cached under .cache/, so only th
 the 90 % train split is fixed by run.seed.
 """
 import argparse
-import contextlib
+import copy
 import json
 import os
 import sys
@@ -83,8 +83,8 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
     cfg = run_vae.load_config(config, overrides)
     t0 = time.time()
     finished_run = checkpoint is not None
-    check_label_scales(label_scales, cfg["model"]["conditional"] or finished_run)  # before hours of training
     if not finished_run:
+        check_label_scales(label_scales, cfg["model"]["conditional"])  # before hours of training
         summary = run_vae.train(cfg)
         checkpoint = Path(summary["run_dir"]) / "last.pt"  # the final weights (EMA if on)
     train_s = time.time() - t0
@@ -96,6 +96,7 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
         cfg["fid"].update(efficientnet=fid_cfg["efficientnet"], precision=fid_cfg["precision"])
     epochs = ckpt["epoch"]
     model = run_vae.model_from_checkpoint(ckpt, run_vae.pick_device(cfg["run"]["device"]))
+    check_label_scales(label_scales, model.num_classes > 0)  # before minutes of scoring
     cfg["fid"].update(enabled=True, num_samples=num_samples, real_max=num_real, real_split="train")
     data, train_idx, val_idx = run_vae.load_data(cfg)
     t0 = time.time()
@@ -108,15 +109,15 @@ def measure(config, data_root, overrides, epochs, num_samples, num_real, name, o
            "val_bits_per_dim": ckpt["metrics"].get("val_bits_per_dim"), **scorer.describe(),
            "prior": run_vae.prior_description(ckpt)}
     row["extractor"] = row["fid_extractor"]
-    check_label_scales(label_scales, model.num_classes > 0)
-    rescore(row, ckpt, model, scorer, data, train_idx, cfg["run"]["seed"], Path(checkpoint), recon, standard_prior,
-            temperatures, prior_components, label_scales)
+    rescore(row, ckpt, model, scorer, data, train_idx, Path(checkpoint), recon=recon, standard_prior=standard_prior,
+            temperatures=temperatures, prior_components=prior_components, label_scales=label_scales)
     return row
 
 
-def rescore(row, ckpt, model, scorer, data, train_idx, seed, checkpoint, recon, standard_prior, temperatures,
+def rescore(row, ckpt, model, scorer, data, train_idx, checkpoint, recon, standard_prior, temperatures,
             prior_components, label_scales):
     """Add to `row` the scores of the same weights sampled other ways, and save every grid beside `checkpoint`."""
+    seed = scorer.cfg["run"]["seed"]
     if recon:
         row["recon_fid"] = reconstruction_fid(scorer, model, data, train_idx, scorer.cfg["fid"]["num_samples"], seed)
 
@@ -124,10 +125,10 @@ def rescore(row, ckpt, model, scorer, data, train_idx, seed, checkpoint, recon, 
         return save_samples(sampler, data.classes, seed, checkpoint.with_name(file), temperature)
 
     def score_label_scales(suffix=""):  # the same noise, the label extrapolated, under the prior in use now
-        for w in label_scales:
-            with extrapolated_labels(model, w):
-                row[f"labels_{w:g}{suffix}"] = {k: v for k, v in scorer.score(model).items() if k in TEMPERED}
-                row[f"samples_labels{w:g}{suffix}"] = grid(f"samples_labels{w:g}{suffix}.png")
+        for scale in label_scales:
+            sampler = with_extrapolated_labels(model, scale)
+            row[f"labels_{scale:g}{suffix}"] = {k: v for k, v in scorer.score(sampler).items() if k in TEMPERED}
+            row[f"samples_labels{scale:g}{suffix}"] = grid(f"samples_labels{scale:g}{suffix}.png", sampler=sampler)
 
     if standard_prior:  # the same noise decoded through N(0, I): what the fitted prior adds
         fitted = model.prior_state()
@@ -152,26 +153,24 @@ def rescore(row, ckpt, model, scorer, data, train_idx, seed, checkpoint, recon, 
 
 
 def check_label_scales(label_scales, conditional):
+    """--label-scales changes the label a CVAE's decoder is given: a model without labels is refused."""
     if label_scales and not conditional:
         raise run_vae.ConfigError("--label-scales needs a conditional model (model.conditional: true)")
 
 
-@contextlib.contextmanager
-def extrapolated_labels(model, scale):
-    """While open, the CVAE's decoder is given each label pushed away from the classes' average by `scale`:
+def with_extrapolated_labels(model, scale):
+    """The CVAE `model` with its decoder given each label pushed away from the classes' average by `scale`:
     1/K + scale (one-hot - 1/K). Scale 1 is the label as trained; above 1 exaggerates what sets the classes
-    apart, as classifier-free guidance does with its two predictions. A sampling probe, not a training option:
-    on the paintings it lost (docs/results.md "Sharp samples")."""
-    decode, k = model.decode, model.num_classes
+    apart, as classifier-free guidance does with its two predictions. The prior still picks z by the class
+    itself. A sampling probe, not a training option: on the paintings it lost (docs/results.md "Sharp samples")."""
+    sampler = copy.copy(model)  # shares the weights and the prior buffers; only its decode differs
+    k = model.num_classes
 
-    def decode_extrapolated(z, y=None):
-        return decode(z, 1.0 / k + scale * (model.one_hot(y) - 1.0 / k))
+    def decode_extrapolated(z, y):
+        return model.decode(z, 1.0 / k + scale * (model.one_hot(y) - 1.0 / k))
 
-    model.decode = decode_extrapolated  # on the instance: sample(), sample_grid() and the scorer all call it
-    try:
-        yield model
-    finally:
-        del model.decode
+    sampler.decode = decode_extrapolated  # sample(), sample_grid() and the scorer all decode through it
+    return sampler
 
 
 def save_samples(model, classes, seed, path, temperature=1.0):

@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, tiny_config
 
 sys.path.insert(0, str(ROOT / "bench"))
 import quality  # noqa: E402
@@ -104,26 +104,29 @@ def test_mixtures_of_several_sizes_share_one_encoding_of_the_training_images(tin
     assert len(calls) == 1 and {"components_2", "components_3"} <= set(row)
 
 
-def test_extrapolated_labels_give_the_decoder_the_label_pushed_from_the_average_then_restore_it():
+def test_extrapolated_labels_reach_the_decoder_only_and_leave_the_model_as_it_was():
     cfg = run_vae.load_config(None, {"data": {"image_size": 16}, "model": {"latent_dim": 8, "conditional": True,
                                                                            "class_norm": True}})
     model = run_vae.build_model(cfg, 3).eval()
+    # a prior per class far apart: z drawn for class 0 must not be drawn from a blend of the classes
+    model.set_prior(torch.arange(3.0)[:, None].expand(3, 8) * 5, torch.eye(8).expand(3, 8, 8))
     z, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
     plain = model.decode(z, y)
-    with torch.no_grad(), quality.extrapolated_labels(model, 2.0):
-        pushed = model.decode(z, y)
-        also_pushed = model.sample(4, y, generator=torch.Generator().manual_seed(0))
+    sampler = quality.with_extrapolated_labels(model, 2.0)
     # 1/3 + 2 (one-hot - 1/3): 5/3 for the class, -1/3 for the others, worked out by hand
     by_hand = torch.tensor([[5, -1, -1], [-1, 5, -1], [-1, -1, 5], [5, -1, -1]]) / 3
-    assert torch.allclose(pushed, model.decode(z, by_hand), atol=1e-6) and not torch.allclose(pushed, plain)
     with torch.no_grad():
-        assert torch.allclose(also_pushed, model.decode(model.prior_z(torch.randn(
-            4, 8, generator=torch.Generator().manual_seed(0)), y, None), by_hand), atol=1e-6)
-    with quality.extrapolated_labels(model, 1.0):  # scale 1 is the label as trained
-        assert torch.allclose(model.decode(z, y), plain, atol=1e-6)
-    with pytest.raises(RuntimeError), quality.extrapolated_labels(model, 2.0):
-        raise RuntimeError("a failed score")
+        pushed = sampler.decode(z, y)
+        assert torch.allclose(pushed, model.decode(z, by_hand), atol=1e-6) and not torch.allclose(pushed, plain)
+        drawn = sampler.sample(4, y, generator=torch.Generator().manual_seed(0))
+        eps = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(drawn, model.decode(model.prior_z(eps, y, None), by_hand), atol=1e-6)
+        grid, _, _ = run_vae.sample_grid(sampler, ["a", "b", "c"], 2, seed=0)
+        assert not torch.allclose(grid, run_vae.sample_grid(model, ["a", "b", "c"], 2, seed=0)[0])
+        assert torch.allclose(quality.with_extrapolated_labels(model, 1.0).decode(z, y), plain, atol=1e-6)
+    # the probe is a view: the model keeps its own decoder, weights and prior
     assert "decode" not in vars(model) and torch.equal(model.decode(z, y), plain)
+    assert sampler.prior_mean.data_ptr() == model.prior_mean.data_ptr()
 
 
 def test_label_scales_rescore_under_each_prior_and_scale_1_reproduces_the_run(tiny_run):
@@ -144,12 +147,18 @@ def test_label_scales_rescore_under_each_prior_and_scale_1_reproduces_the_run(ti
     assert any(line.strip().startswith("labels extrapolated x3: fid") for line in lines)
 
 
-def test_label_scales_on_an_unconditional_run_stop_before_training(tmp_path, monkeypatch):
-    images = make_image_folder(tmp_path / "images", per_class=2)
+def test_label_scales_on_an_unconditional_run_stop_before_training_or_scoring(tmp_path, monkeypatch):
+    images = make_image_folder(tmp_path / "images", per_class=4)
+    unconditional = run_vae.train(tiny_config(tmp_path, images, train={"epochs": 1}))
     monkeypatch.setattr(run_vae, "train", lambda cfg: pytest.fail("trained before the check"))
+    monkeypatch.setattr(run_vae, "FIDScorer", lambda *a, **kw: pytest.fail("scored before the check"))
     with pytest.raises(run_vae.ConfigError, match="needs a conditional model"):
         quality.measure(None, str(images), ["model.conditional=false"], epochs=1, num_samples=4, num_real=4,
                         name="u", out_dir=str(tmp_path / "out"), label_scales=[2.0])
+    with pytest.raises(run_vae.ConfigError, match="needs a conditional model"):
+        quality.measure(None, str(images), [], epochs=1, num_samples=4, num_real=4, name="u2",
+                        out_dir=str(tmp_path / "out"), checkpoint=f"{unconditional['run_dir']}/last.pt",
+                        label_scales=[2.0])
     assert quality.parse_label_scales("1.5, 2") == [1.5, 2.0]
     with pytest.raises(SystemExit, match="greater than 0"):
         quality.parse_label_scales("2,0")
