@@ -88,6 +88,9 @@ DEFAULTS = {
         "final_conv": False,      # a 3x3 conv at full resolution writes the pixels, from 32 feature maps the last
                                   # doubling makes: each pixel then mixes its neighbours, where otherwise the
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
+        "channels": 64,           # width of the encoder's first conv; each stride-2 conv doubles it (64: 64-512),
+                                  # the decoder mirrors it (512-64, then 32 at full resolution with final_conv).
+                                  # Compute grows with its square: 128 is ~4x the FLOPs of 64
         "res_blocks": 0,          # residual blocks (two 3x3 convs and a skip) after the decoder's doubling to half
                                   # and, with final_conv, to full resolution: capacity where the detail is drawn, as
                                   # in the VQGAN decoder. At 64 px each adds ~0.15 GFLOP per decoded image forward
@@ -322,6 +325,7 @@ RANGES = {
     "data.image_size": (16, None, True),
     "data.val_fraction": (0.0, 1.0, True),
     "model.latent_dim": (1, None, True),
+    "model.channels": (8, 1025, True),
     "model.res_blocks": (0, 9, True),
     "model.prior_components": (1, 257, True),
     "train.epochs": (1, None, True),
@@ -1240,23 +1244,25 @@ def shared_noise(model, seed):
 
 
 class VAE(nn.Module):
-    """The conv (C)VAE of the original design: 4 stride-2 convs down, FC to mu/logvar, FC + 4 transposed convs up
-    (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or bilinear doublings, each followed by a 3x3
-    conv); with final_conv the last doubling makes 32 feature maps and a 3x3 conv at full resolution turns them
-    into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
+    """The conv (C)VAE of the original design: 4 stride-2 convs down (channels, 2x, 4x, 8x that), FC to
+    mu/logvar, FC + 4 transposed convs up (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or
+    bilinear doublings, each followed by a 3x3 conv); with final_conv the last doubling makes channels/2 feature
+    maps and a 3x3 conv at full resolution turns them into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
     to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise; with
     class_norm (a CVAE) the BatchNorm after each such doubling has a scale and shift per class. A CVAE's encoder
     sees the label as extra input planes unless encoder_label is off."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
-                 res_blocks=0, noise=False, class_norm=False, encoder_label=True, prior_components=1):
+                 res_blocks=0, noise=False, class_norm=False, encoder_label=True, prior_components=1, channels=64):
         super().__init__()
         assert image_size % 16 == 0, "image_size must be a multiple of 16"
         assert num_classes or not class_norm, "class_norm needs a conditional model"
         self.image_size, self.latent_dim, self.num_classes = image_size, latent_dim, num_classes
         self.encoder_label = bool(num_classes) and encoder_label
         self.grid = image_size // 16
-        flat = 512 * self.grid * self.grid
+        c1, c2, c4, c8 = channels, 2 * channels, 4 * channels, 8 * channels
+        self.bottleneck_channels = c8
+        flat = c8 * self.grid * self.grid
 
         def down(cin, cout, bn=True):
             return [nn.Conv2d(cin, cout, 4, 2, 1)] + ([nn.BatchNorm2d(cout)] if bn else []) + [nn.ReLU(inplace=True)]
@@ -1273,13 +1279,14 @@ class VAE(nn.Module):
                     nn.ReLU(inplace=True)] + [ResBlock(cout) for _ in range(blocks)]
 
         label_planes = num_classes if self.encoder_label else 0
-        self.encoder = nn.Sequential(*down(3 + label_planes, 64, bn=False), *down(64, 128), *down(128, 256),
-                                     *down(256, 512), nn.Flatten())
+        self.encoder = nn.Sequential(*down(3 + label_planes, c1, bn=False), *down(c1, c2), *down(c2, c4),
+                                     *down(c4, c8), nn.Flatten())
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
-        to_pixels = [*up(64, 32, res_blocks), nn.Conv2d(32, 3, 3, 1, 1)] if final_conv else double(64, 3)
-        self.decoder = nn.Sequential(*up(512, 256), *up(256, 128), *up(128, 64, res_blocks), *to_pixels, nn.Sigmoid())
+        half = c1 // 2
+        to_pixels = [*up(c1, half, res_blocks), nn.Conv2d(half, 3, 3, 1, 1)] if final_conv else double(c1, 3)
+        self.decoder = nn.Sequential(*up(c8, c4), *up(c4, c2), *up(c2, c1, res_blocks), *to_pixels, nn.Sigmoid())
         # The sampling prior, one Gaussian per class (one in all for a VAE): N(0, I) until fit_prior()
         # replaces it. Buffers, so it travels with the weights in every checkpoint.
         k = max(num_classes, 1)
@@ -1310,7 +1317,7 @@ class VAE(nn.Module):
         if self.num_classes:
             c = self.one_hot(y).to(z.dtype)
             z = torch.cat([z, c], dim=1)
-        h = self.fc_decode(z).view(-1, 512, self.grid, self.grid)
+        h = self.fc_decode(z).view(-1, self.bottleneck_channels, self.grid, self.grid)
         for layer in self.decoder:  # a Sequential that hands the labels to the layers that take them
             h = layer(h, c) if isinstance(layer, ClassBatchNorm) else layer(h)
         return h
@@ -1406,7 +1413,8 @@ def build_model(cfg, num_classes):
         raise ConfigError("model.class_norm needs class labels: set model.conditional=true and train on a folder "
                           "with one subfolder per class, or set model.class_norm=false")
     return VAE(cfg["data"]["image_size"], m["latent_dim"], num_classes, m["upsample"], m["final_conv"],
-               m["res_blocks"], m["noise"], m["class_norm"], m["encoder_label"], m["prior_components"])
+               m["res_blocks"], m["noise"], m["class_norm"], m["encoder_label"], m["prior_components"],
+               m["channels"])
 
 # ----------------------------------------------------------------------------------------------------
 # loss and beta schedule

@@ -51,6 +51,7 @@ def test_unknown_section_is_an_error(tmp_path):
     ("data.image_size=50", "multiple of 16"),
     ("train.lr_warmup=-1", "train.lr_warmup must be at least 0"),
     ("model.res_blocks=-1", r"model.res_blocks must be in \[0, 9\)"),
+    ("model.channels=4", r"model.channels must be in \[8, 1025\)"),
     ("model.prior_components=0", r"model.prior_components must be in \[1, 257\)"),
     ("model.prior_components=3 model.prior=standard", "set model.prior=fitted, or model.prior_components=1"),
     ("model.class_norm=true", "set model.conditional=true, or model.class_norm=false"),

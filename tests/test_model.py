@@ -1,6 +1,7 @@
 """Model shapes, the loss reduction and the beta schedules."""
 import pytest
 import torch
+from torch import nn
 
 import run_vae
 from run_vae import VAE, ResBlock, beta_at, lr_factor_at, vae_loss
@@ -118,6 +119,22 @@ def test_res_blocks_follow_the_doublings_to_half_and_full_resolution(final_conv,
         mine.load_state_dict(theirs.state_dict())
     z = torch.randn(3, 8)
     assert torch.allclose(model.decode(z), plain.decode(z), atol=1e-6)
+
+
+@pytest.mark.parametrize("final_conv", [False, True])
+def test_channels_set_every_width_of_encoder_and_decoder(final_conv):
+    model = VAE(32, latent_dim=8, num_classes=2, final_conv=final_conv, res_blocks=1, channels=16).eval()
+    encoder = [m.out_channels for m in model.encoder if isinstance(m, nn.Conv2d)]
+    decoder = [m.out_channels for m in model.decoder if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d))]
+    assert encoder == [16, 32, 64, 128]
+    assert decoder[:3] == [64, 32, 16] and decoder[-1] == 3
+    assert (decoder[3] == 8) == final_conv
+    assert model.fc_mu.in_features == 128 * 2 * 2 and model.fc_decode.out_features == 128 * 2 * 2
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 0])
+    x_hat, mu, _ = model(x, y)
+    assert x_hat.shape == x.shape and mu.shape == (3, 8)
+    wide = VAE(32, latent_dim=8, num_classes=2, final_conv=final_conv, res_blocks=1, channels=32)
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in model.parameters())
 
 
 def test_conditional_model_takes_labels_at_both_ends():

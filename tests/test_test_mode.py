@@ -120,6 +120,20 @@ def test_a_final_conv_run_loads_from_its_checkpoint_and_an_older_one_without_the
     assert run_vae.model_from_checkpoint(ckpt).decoder[-2].in_channels == 64
 
 
+def test_a_narrow_run_loads_at_its_width_and_an_older_checkpoint_without_the_key_at_64(tmp_path, image_folder):
+    summary = run_vae.train(tiny_config(tmp_path, image_folder, train={"epochs": 1}, model={"channels": 16}))
+    ckpt = load_checkpoint(summary["best_checkpoint"])
+    model = run_vae.model_from_checkpoint(ckpt)
+    assert model.encoder[0].out_channels == 16 and model.decoder[0].in_channels == 128
+    images, _, _ = run_vae.sample_grid(model, ckpt["classes"], 2, 0)
+    assert images.shape[1:] == (3, 16, 16) and torch.isfinite(images).all()
+    del ckpt["config"]["model"]["channels"]  # a checkpoint from before the option: the original widths
+    with pytest.raises(CheckpointError, match="do not match"):
+        run_vae.model_from_checkpoint(ckpt)
+    ckpt["model"] = run_vae.VAE(16, 8).state_dict()
+    assert run_vae.model_from_checkpoint(ckpt).encoder[0].out_channels == 64
+
+
 def test_a_noisy_decoder_run_reproduces_its_samples_and_an_older_checkpoint_loads_without_noise(
         tmp_path, image_folder):
     summary = run_vae.train(tiny_config(tmp_path, image_folder, train={"epochs": 1}, model={"noise": True}))
