@@ -85,11 +85,11 @@ DEFAULTS = {
                                   # 3x3 conv: the [1 3 3 1] interpolation filter damps the copies of the image's
                                   # spectrum that nearest-neighbour doubling leaves at the new high frequencies;
                                   # under the adversarial term it draws contour lines, docs/results.md)
-        "final_conv": False,      # a 3x3 conv at full resolution writes the pixels, from 32 feature maps the last
+        "final_conv": False,      # a 3x3 conv at full resolution writes the pixels from channels // 2 maps the last
                                   # doubling makes: each pixel then mixes its neighbours, where otherwise the
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
         "channels": 64,           # width of the encoder's first conv; each stride-2 conv doubles it (64: 64-512),
-                                  # the decoder mirrors it (512-64, then 32 at full resolution with final_conv).
+                                  # the decoder mirrors it (512-64, then 64 // 2 at full size with final_conv).
                                   # Compute grows with its square: 128 is ~4x the FLOPs of 64
         "res_blocks": 0,          # residual blocks (two 3x3 convs and a skip) after the decoder's doubling to half
                                   # and, with final_conv, to full resolution: capacity where the detail is drawn, as
@@ -1246,9 +1246,9 @@ def shared_noise(model, seed):
 class VAE(nn.Module):
     """The conv (C)VAE of the original design: 4 stride-2 convs down (channels, 2x, 4x, 8x that), FC to
     mu/logvar, FC + 4 transposed convs up (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or
-    bilinear doublings, each followed by a 3x3 conv); with final_conv the last doubling makes channels/2 feature
-    maps and a 3x3 conv at full resolution turns them into pixels. res_blocks residual blocks follow the doubling to half resolution and, with final_conv, the one
-    to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise; with
+    bilinear doublings, each followed by a 3x3 conv); with final_conv the last doubling makes channels // 2
+    feature maps and a 3x3 conv at full resolution turns them into pixels. res_blocks residual blocks follow the
+    doubling to half resolution and, with final_conv, the one to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise; with
     class_norm (a CVAE) the BatchNorm after each such doubling has a scale and shift per class. A CVAE's encoder
     sees the label as extra input planes unless encoder_label is off."""
 
