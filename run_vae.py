@@ -1248,9 +1248,10 @@ class VAE(nn.Module):
     mu/logvar, FC + 4 transposed convs up (or, with upsample="resize" or "bilinear", 4 nearest-neighbour or
     bilinear doublings, each followed by a 3x3 conv); with final_conv the last doubling makes channels // 2
     feature maps and a 3x3 conv at full resolution turns them into pixels. res_blocks residual blocks follow the
-    doubling to half resolution and, with final_conv, the one to full resolution. With noise, each doubling to feature maps (not the one to pixels) adds learned noise; with
-    class_norm (a CVAE) the BatchNorm after each such doubling has a scale and shift per class. A CVAE's encoder
-    sees the label as extra input planes unless encoder_label is off."""
+    doubling to half resolution and, with final_conv, the one to full resolution. With noise, each doubling to
+    feature maps (not the one to pixels) adds learned noise; with class_norm (a CVAE) the BatchNorm after each
+    such doubling has a scale and shift per class. A CVAE's encoder sees the label as extra input planes unless
+    encoder_label is off."""
 
     def __init__(self, image_size=64, latent_dim=128, num_classes=0, upsample="transposed", final_conv=False,
                  res_blocks=0, noise=False, class_norm=False, encoder_label=True, prior_components=1, channels=64):
