@@ -1262,7 +1262,6 @@ class VAE(nn.Module):
         self.encoder_label = bool(num_classes) and encoder_label
         self.grid = image_size // 16
         c1, c2, c4, c8 = channels, 2 * channels, 4 * channels, 8 * channels
-        self.bottleneck_channels = c8
         flat = c8 * self.grid * self.grid
 
         def down(cin, cout, bn=True):
@@ -1318,7 +1317,7 @@ class VAE(nn.Module):
         if self.num_classes:
             c = self.one_hot(y).to(z.dtype)
             z = torch.cat([z, c], dim=1)
-        h = self.fc_decode(z).view(-1, self.bottleneck_channels, self.grid, self.grid)
+        h = self.fc_decode(z).view(len(z), -1, self.grid, self.grid)
         for layer in self.decoder:  # a Sequential that hands the labels to the layers that take them
             h = layer(h, c) if isinstance(layer, ClassBatchNorm) else layer(h)
         return h
