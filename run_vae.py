@@ -90,7 +90,8 @@ DEFAULTS = {
                                   # last doubling writes every 2x2 block from the same few inputs (blocks, a lattice)
         "channels": 64,           # width of the encoder's first conv; each stride-2 conv doubles it (64: 64-512),
                                   # the decoder mirrors it (512-64, then 64 // 2 at full size with final_conv).
-                                  # Compute grows with its square: 128 is ~4x the FLOPs of 64
+                                  # Compute grows nearly with its square: a step of the noise recipe at
+                                  # 128 is 3.6x the FLOPs of 64 (docs/results.md, step cost)
         "res_blocks": 0,          # residual blocks (two 3x3 convs and a skip) after the decoder's doubling to half
                                   # and, with final_conv, to full resolution: capacity where the detail is drawn, as
                                   # in the VQGAN decoder. At 64 px each adds ~0.15 GFLOP per decoded image forward

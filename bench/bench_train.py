@@ -570,7 +570,8 @@ def bench_ddp(args, processes):
 # resize decoder (model.upsample) plain and under the adversarial term, and the variants of the adversarial
 # term with prior samples judged too (decoders included) of docs/results.md "Sharp samples", and the
 # conditional resize recipe with the projection discriminator and its class head (4 classes), also with
-# the head's inputs hue-turned (its own trunk passes)
+# the head's inputs hue-turned (its own trunk passes), and the noise recipe at every width 1.5 and 2 times
+# (model.channels; the discriminator keeps its width)
 WITH_PRIOR = {**run_vae.LOSS_RECIPES["adversarial"], "adv_prior": True}
 RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()},
            "plain, resize decoder": ({}, {"upsample": "resize"}),
@@ -580,6 +581,8 @@ RECIPES = {**{name: (terms, {}) for name, terms in run_vae.LOSS_RECIPES.items()}
            "adv_prior, res blocks": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1}),
            "adv_prior, res, bilinear": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "upsample": "bilinear"}),
            "adv_prior, res, noise": (WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "noise": True}),
+           **{f"adv_prior, res, noise, channels {c}": (
+               WITH_PRIOR, {"final_conv": True, "res_blocks": 1, "noise": True, "channels": c}) for c in (96, 128)},
            "soft_intro, res blocks": (run_vae.LOSS_RECIPES["soft_intro"], {"final_conv": True, "res_blocks": 1}),
            "adversarial, resize, projection + class head": (
                {**run_vae.LOSS_RECIPES["adversarial"], "disc_conditional": True, "disc_classify": 1.0},

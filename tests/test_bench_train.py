@@ -76,6 +76,7 @@ def test_recipe_costs_count_the_extra_networks():
     assert set(fig) == {"plain", "perceptual", "adversarial", "both", "soft_intro", "plain, resize decoder",
                         "adversarial, resize decoder", "adv_prior", "adv_prior, antialiased disc",
                         "adv_prior, res blocks", "adv_prior, res, bilinear", "adv_prior, res, noise",
+                        "adv_prior, res, noise, channels 96", "adv_prior, res, noise, channels 128",
                         "soft_intro, res blocks", "adversarial, resize, projection + class head",
                         "adversarial, resize, projection + class head on hue-turned images"}
     assert fig["plain"]["flops_vs_plain"] == 1.0
@@ -95,6 +96,11 @@ def test_recipe_costs_count_the_extra_networks():
     # decoder noise is one multiply-add per feature value: its FLOPs are the decoder's without it, to 1 %
     assert fig["adv_prior, res, noise"]["gflop_per_image"] == pytest.approx(
         fig["adv_prior, res blocks"]["gflop_per_image"], rel=0.01)
+    # model.channels widens every VAE conv, whose FLOPs grow with the width's square; the discriminator, the
+    # first and last convs and the linear layers do not, so 2x the width costs more than 2x, less than 4x
+    noise64 = fig["adv_prior, res, noise"]["gflop_per_image"]
+    noise96, noise128 = (fig[f"adv_prior, res, noise, channels {c}"]["gflop_per_image"] for c in (96, 128))
+    assert noise64 < noise96 < noise128 and 2 * noise64 < noise128 < 4 * noise64
     # Soft-IntroVAE runs each decoder three times a step: its residual blocks cost more than adv_prior's
     intro_res, intro = fig["soft_intro, res blocks"]["gflop_per_image"], fig["soft_intro"]["gflop_per_image"]
     assert intro_res - intro > fig["adv_prior, res blocks"]["gflop_per_image"] - prior
