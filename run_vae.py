@@ -828,6 +828,17 @@ def dataset_key(root, files, size):
     return h.hexdigest()[:16]
 
 
+def os_error_under(error):
+    """The OSError an exception was raised while handling (or is), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def atomic_save(obj, path):
     """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file intact."""
     path = Path(path)
@@ -839,6 +850,13 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:
+        # a disk that fills mid-write surfaces from torch.save's zip writer as a RuntimeError ("unexpected
+        # pos"); the OSError under it (No space left on device) is the one callers turn into advice
+        written = os_error_under(e)
+        if written is None:
+            raise
+        raise written from None
     finally:
         with contextlib.suppress(OSError):  # a failed write's own error is the one worth reporting
             tmp.unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """Interruptions, bad values, odd images, disk errors and foreign checkpoints: each a clear message,
 nothing saved lost, and a run that can always be continued or restarted as the message says."""
 import errno
+import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,6 +275,46 @@ def test_atomic_save_reports_the_write_error_not_its_cleanups(tmp_path, monkeypa
     with pytest.raises(OSError) as info:
         run_vae.atomic_save({"x": 1}, tmp_path / "file.pt")
     assert info.value.errno == errno.ENOSPC
+
+
+class FillingDisk(io.FileIO):
+    """A file on a disk with ROOM bytes left: the write that would pass them fails as on a full disk, and
+    closing the file still works (torch.save then reports the failure from its zip writer)."""
+    ROOM = 4096
+
+    def __init__(self, path, mode):
+        super().__init__(path, mode.replace("b", ""))
+
+    def write(self, data):
+        if self.tell() + len(memoryview(data).cast("B")) > self.ROOM:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_disk_that_fills_mid_write_is_reported_as_full_and_the_old_file_kept(tmp_path, monkeypatch):
+    path = tmp_path / "file.pt"
+    run_vae.atomic_save({"version": 1}, path)
+    monkeypatch.setattr(run_vae, "open", FillingDisk, raising=False)
+    with pytest.raises(OSError) as info:
+        run_vae.atomic_save({"version": 2, "weights": torch.zeros(100_000)}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert torch.load(path, weights_only=True) == {"version": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["file.pt"]  # no half-written temp file left behind
+
+
+def test_training_on_a_disk_that_fills_says_so_and_keeps_the_last_epoch(tmp_path, image_folder, monkeypatch):
+    writes = []
+
+    def open_filling_at_the_second_last_pt(path, mode="r", *args, **kwargs):
+        if Path(path).name.startswith(".last.pt.tmp"):
+            writes.append(path)
+            if len(writes) > 1:
+                return FillingDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(run_vae, "open", open_filling_at_the_second_last_pt, raising=False)
+    with pytest.raises(ConfigError, match=r"could not write .*last.pt \(No space left on device\).*Free disk space"):
+        train(tiny_config(tmp_path, image_folder))
+    assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["epoch"] == 1
 
 
 class RunsCode:
