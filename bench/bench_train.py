@@ -27,10 +27,12 @@ the same training under `torchrun --standalone --nproc_per_node=N` (train.batch_
 with a DDP communication hook timing each gradient all-reduce, and the BatchNorm syncs timed apart.
 """
 import argparse
+import atexit
 import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -459,6 +461,7 @@ def setup(args):
     """Work folder, device, the precision `auto` picks there, and the data (decoded once into the cache,
     timed: the first run's decode)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its checkpoints and cache run to hundreds of MB
     if args.threads:
         torch.set_num_threads(args.threads)
     device = run_vae.pick_device(args.device)

@@ -14,12 +14,15 @@ import bench_train  # noqa: E402
 TINY = ["--image_size", "16", "--batch_size", "8", "--latent_dim", "8", "--rounds", "1", "--matmul_n", "128"]
 
 
-def test_bench_json_has_the_figures(tmp_path):
+def test_bench_json_has_the_figures_and_leaves_no_work_folder(tmp_path):
     images = make_image_folder(tmp_path / "images")
+    (tmp_path / "tmp").mkdir()
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data", str(images),
                           "--baseline_workers", "0", "--epochs", "2", "--json", *TINY],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not list((tmp_path / "tmp").glob("bench_train_*"))  # its runs, checkpoints and cache: removed at exit
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("images_per_s", "ceiling_fraction", "bf16_speedup", "vs_baseline", "second_start_s",
                 "peak_rss_mib", "gflop_per_image", "loss_bf16_vs_fp32"):
