@@ -17,6 +17,7 @@ import contextlib
 import copy
 import datetime
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -1000,7 +1001,12 @@ def load_image_folder(root, size, cache_dir=None, max_bytes=None):
             if not (raw.is_file() and meta.is_file()):
                 if not mapped:
                     break
-                build_mapped_cache(root, classes, files, size, raw, meta, cache)
+                try:
+                    build_mapped_cache(root, classes, files, size, raw, meta, cache)
+                except OSError as e:
+                    raise DataError(f"could not write the memory-mapped image cache {raw} ({e.strerror or e}): "
+                                    f"free disk space or point data.cache_dir at a disk with room for "
+                                    f"{len(files) * 3 * size * size / 2 ** 30:.2f} GiB") from None
             try:
                 images, labels, classes_kept, kept = open_mapped_cache(raw, meta, size)
                 return ImageSet(images if mapped else images[:], labels, classes_kept, kept, key)
@@ -1018,7 +1024,11 @@ def load_image_folder(root, size, cache_dir=None, max_bytes=None):
     check_classes_kept(root, classes, labels)
     data = ImageSet(torch.stack(images), torch.tensor(labels), classes, kept, key)
     if cache is not None:
-        atomic_save({"images": data.images, "labels": data.labels, "classes": classes, "files": kept}, cache)
+        try:
+            atomic_save({"images": data.images, "labels": data.labels, "classes": classes, "files": kept}, cache)
+        except OSError as e:  # only a cache: this run has the images; the next one decodes them again
+            warnings.warn(f"could not write the data cache {cache} ({e.strerror or e}); going on without it. Free "
+                          f"disk space or point data.cache_dir elsewhere to skip decoding on the next run.")
     return data
 
 
@@ -3643,6 +3653,16 @@ def parse_args(argv=None):
     return args
 
 
+DISK_FULL_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_message(error):
+    where = f" writing {error.filename}" if error.filename else ""
+    return (f"{error.strerror}{where}. Free disk space (or point run.log_dir, run.best_dir, data.cache_dir or "
+            f"test.out_dir at another disk) and run the command again; checkpoints already written are intact, "
+            f"and a training run continues from its last one with --resume.")
+
+
 def main(argv=None):
     args = parse_args(argv)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the group
@@ -3663,6 +3683,11 @@ def main(argv=None):
         if is_main or not getattr(e, "shared", False):
             print(f"error: {e}" if not isinstance(e, StopRequested) else str(e), file=sys.stderr)
         return 130 if isinstance(e, StopRequested) else 2
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRORS:
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        return 2
     finally:
         leave_process_group()
     return 0

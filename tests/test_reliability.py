@@ -317,6 +317,42 @@ def test_training_on_a_disk_that_fills_says_so_and_keeps_the_last_epoch(tmp_path
     assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["epoch"] == 1
 
 
+def filling_disk_for(prefix):
+    """An open() that puts files whose name starts with `prefix` on a FillingDisk."""
+    def opener(path, mode="r", *args, **kwargs):
+        if Path(path).name.startswith(prefix) and "w" in mode:
+            return FillingDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
+    return opener
+
+
+def test_a_data_cache_that_cannot_be_written_only_costs_the_next_run_a_decode(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(run_vae, "open", filling_disk_for(".images_"), raising=False)
+    with pytest.warns(UserWarning, match=r"could not write the data cache .*No space left on device.*data.cache_dir"):
+        data = run_vae.load_image_folder(image_folder, 16, tmp_path / "cache")
+    assert len(data) == 36 and not list((tmp_path / "cache").iterdir())
+
+
+def test_a_memory_mapped_cache_on_a_full_disk_is_a_data_error(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(run_vae, "open", filling_disk_for(".memmap_"), raising=False)
+    with pytest.raises(DataError, match=r"memory-mapped image cache .*\(No space left on device\): free disk space"):
+        run_vae.load_image_folder(image_folder, 16, tmp_path / "cache", max_bytes=0)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device on which every write fails")
+def test_the_cli_reports_a_full_disk_in_test_mode_as_a_message(tmp_path, image_folder, capsys):
+    args = [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs",
+            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
+            "model.latent_dim=8", "train.epochs=1", "train.batch_size=8"]
+    assert run_vae.main(args) == 0
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/samples.png").symlink_to("/dev/full")  # the disk is full by the time samples are written
+    assert run_vae.main(args + ["run.mode=test", f"test.out_dir={tmp_path}/out"]) == 2
+    err = capsys.readouterr().err
+    assert "error: No space left on device" in err and "Free disk space" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / "best/vae.pt")["epoch"] == 1
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.system, ("echo this should never run",))
