@@ -988,7 +988,8 @@ def load_image_folder(root, size, cache_dir=None, max_bytes=None):
     stem = f"{Path(root).name}_{size}_{key}"
     cache = Path(cache_dir) / f"images_{stem}.pt" if cache_dir else None
     budget = available_ram() // 2 if max_bytes is None else max_bytes
-    mapped = cache_dir is not None and len(files) * 3 * size * size > budget
+    decoded_bytes = len(files) * 3 * size * size
+    mapped = cache_dir is not None and decoded_bytes > budget
     if cache is not None and not mapped and cache.is_file():
         try:
             c = torch.load(cache, weights_only=True)
@@ -1006,7 +1007,7 @@ def load_image_folder(root, size, cache_dir=None, max_bytes=None):
                 except OSError as e:
                     raise DataError(f"could not write the memory-mapped image cache {raw} ({e.strerror or e}): "
                                     f"free disk space or point data.cache_dir at a disk with room for "
-                                    f"{len(files) * 3 * size * size / 2 ** 30:.2f} GiB") from None
+                                    f"{decoded_bytes / 2 ** 30:.2f} GiB") from None
             try:
                 images, labels, classes_kept, kept = open_mapped_cache(raw, meta, size)
                 return ImageSet(images if mapped else images[:], labels, classes_kept, kept, key)
