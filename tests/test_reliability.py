@@ -350,6 +350,22 @@ def test_the_cli_reports_a_full_disk_in_test_mode_as_a_message(tmp_path, image_f
     assert load_checkpoint(tmp_path / "best/vae.pt")["epoch"] == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device on which every write fails")
+def test_the_cli_reports_a_full_disk_when_a_resumed_run_starts_and_keeps_its_checkpoint(tmp_path, image_folder,
+                                                                                       capsys):
+    args = [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs", "run.name=full",
+            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
+            "model.latent_dim=8", "train.batch_size=8"]
+    assert run_vae.main(args + ["train.epochs=1"]) == 0
+    config_file = tmp_path / "logs/full/config.yaml"
+    config_file.unlink()
+    config_file.symlink_to("/dev/full")  # the disk fills before the resumed run has written anything
+    assert run_vae.main(args + ["train.epochs=2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "error: No space left on device" in err and "--resume" in err
+    assert load_checkpoint(tmp_path / "logs/full/last.pt")["epoch"] == 1
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.system, ("echo this should never run",))
