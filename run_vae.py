@@ -1007,7 +1007,7 @@ def load_image_folder(root, size, cache_dir=None, max_bytes=None):
                 except OSError as e:
                     raise DataError(f"could not write the memory-mapped image cache {raw} ({e.strerror or e}): "
                                     f"free disk space or point data.cache_dir at a disk with room for "
-                                    f"{decoded_bytes / 2 ** 30:.2f} GiB") from None
+                                    f"{size_text(decoded_bytes)}") from None
             try:
                 images, labels, classes_kept, kept = open_mapped_cache(raw, meta, size)
                 return ImageSet(images if mapped else images[:], labels, classes_kept, kept, key)
