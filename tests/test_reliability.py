@@ -73,12 +73,17 @@ def test_non_finite_validation_stops_the_run_and_last_pt_keeps_the_finite_epoch(
     assert load_checkpoint(tmp_path / "best/tiny.pt")["epoch"] == 1
 
 
+def tiny_cli_args(tmp_path, image_folder):
+    """The command-line overrides of a tiny run (16x16, latent 8, FID off) whose run folder is logs/vae."""
+    return [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs",
+            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
+            "model.latent_dim=8", "train.batch_size=8"]
+
+
 def test_the_cli_never_reports_success_for_a_run_that_diverged_in_epoch_one(tmp_path, image_folder,
                                                                             monkeypatch, capsys):
     scripted_validation(monkeypatch, bad_from_call=1)
-    args = [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs",
-            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
-            "model.latent_dim=8", "train.epochs=2", "train.batch_size=8"]
+    args = tiny_cli_args(tmp_path, image_folder) + ["train.epochs=2"]
     assert run_vae.main(args) == 2
     err = capsys.readouterr().err
     assert "nothing was saved" in err and "done:" not in err and not (tmp_path / "best/vae.pt").exists()
@@ -339,9 +344,7 @@ def test_a_memory_mapped_cache_on_a_full_disk_is_a_data_error(tmp_path, image_fo
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device on which every write fails")
 def test_the_cli_reports_a_full_disk_in_test_mode_as_a_message(tmp_path, image_folder, capsys):
-    args = [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs",
-            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
-            "model.latent_dim=8", "train.epochs=1", "train.batch_size=8"]
+    args = tiny_cli_args(tmp_path, image_folder) + ["train.epochs=1"]
     assert run_vae.main(args) == 0
     (tmp_path / "out").mkdir()
     (tmp_path / "out/samples.png").symlink_to("/dev/full")  # the disk is full by the time samples are written
@@ -354,17 +357,15 @@ def test_the_cli_reports_a_full_disk_in_test_mode_as_a_message(tmp_path, image_f
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device on which every write fails")
 def test_the_cli_reports_a_full_disk_when_a_resumed_run_starts_and_keeps_its_checkpoint(tmp_path, image_folder,
                                                                                        capsys):
-    args = [f"data.root={image_folder}", "data.image_size=16", f"run.log_dir={tmp_path}/logs", "run.name=full",
-            f"run.best_dir={tmp_path}/best", f"data.cache_dir={tmp_path}/cache", "fid.enabled=false",
-            "model.latent_dim=8", "train.batch_size=8"]
+    args = tiny_cli_args(tmp_path, image_folder)
     assert run_vae.main(args + ["train.epochs=1"]) == 0
-    config_file = tmp_path / "logs/full/config.yaml"
+    config_file = tmp_path / "logs/vae/config.yaml"
     config_file.unlink()
     config_file.symlink_to("/dev/full")  # the disk fills before the resumed run has written anything
     assert run_vae.main(args + ["train.epochs=2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "error: No space left on device" in err and "--resume" in err
-    assert load_checkpoint(tmp_path / "logs/full/last.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "logs/vae/last.pt")["epoch"] == 1
 
 
 class RunsCode:
