@@ -157,6 +157,11 @@ DEFAULTS = {
         "adv_prior": False,       # the discriminator also judges images decoded from z ~ N(0, I), and the decoder
                                   # learns to pass them too (VAE-GAN): the samples, not only the reconstructions,
                                   # get the term. One more decoder pass per step
+        "adv_prior_from": "standard",  # where the prior samples that adv_prior and disc_classify decode come from:
+                                  # standard N(0, I), the KL's prior | fitted, the model's fitted prior (model.prior
+                                  # fitted), refitted after every epoch from the one before the discriminator starts
+                                  # (an encoder pass over the training set each): the term then sharpens the codes
+                                  # that samples are drawn from, which on a CVAE lie away from N(0, I)
         "disc_conditional": False,# with model.conditional, the discriminator is told the label (a projection
                                   # discriminator, Miyato & Koyama 2018): a fake must look like its class, not
                                   # merely like some real image
@@ -374,6 +379,7 @@ CHOICES = {
     "model.upsample": ("transposed", "resize", "bilinear"),
     "wandb.mode": ("online", "offline", "disabled"),
     "loss.perceptual_net": ("alex", "vgg", "msssim"),
+    "loss.adv_prior_from": ("standard", "fitted"),
 }
 
 
@@ -417,6 +423,9 @@ def check_config(cfg):
     if cfg["model"]["prior_components"] > 1 and cfg["model"]["prior"] != "fitted":
         raise ConfigError("model.prior_components is the number of Gaussians per class of the fitted prior, and "
                           "model.prior is standard: set model.prior=fitted, or model.prior_components=1")
+    if loss["adv_prior_from"] == "fitted" and cfg["model"]["prior"] != "fitted":
+        raise ConfigError("loss.adv_prior_from=fitted draws the adversarial term's prior samples from the fitted "
+                          "prior, and model.prior is standard: set model.prior=fitted, or loss.adv_prior_from=standard")
     if loss["disc_conditional"] and not cfg["model"]["conditional"]:
         raise ConfigError("loss.disc_conditional tells the discriminator each image's label, which only a "
                           "conditional model has: set model.conditional=true, or loss.disc_conditional=false")
@@ -1352,15 +1361,19 @@ class VAE(nn.Module):
             h = layer(h, c) if isinstance(layer, ClassBatchNorm) else layer(h)
         return h
 
-    def forward(self, x, y=None, prior_samples=False):
-        """(x_hat, mu, logvar); with prior_samples also x_prior, as many images decoded from z ~ N(0, I) with
-        the same labels, in the same decoder pass (for the adversarial term: under torchrun its gradients
-        must flow through the wrapped forward)."""
+    def forward(self, x, y=None, prior_samples=False, fitted_prior=False):
+        """(x_hat, mu, logvar); with prior_samples also x_prior, as many images decoded from z ~ N(0, I) (with
+        fitted_prior, from the prior in the buffers, a mixture's components too) with the same labels, in the
+        same decoder pass (for the adversarial term: under torchrun its gradients must flow through the
+        wrapped forward)."""
         mu, logvar = self.encode(x, y)
         z = reparameterize(mu, logvar)
         if not prior_samples:
             return self.decode(z, y), mu, logvar
-        both = self.decode(torch.cat([z, torch.randn_like(z)]), None if y is None else torch.cat([y, y]))
+        z_prior = torch.randn_like(z)
+        if fitted_prior:
+            z_prior = self.prior_z(z_prior, y, self.draw_pick(len(z))).to(z.dtype)
+        both = self.decode(torch.cat([z, z_prior]), None if y is None else torch.cat([y, y]))
         return *both.chunk(2), mu, logvar
 
     @torch.no_grad()
@@ -1851,6 +1864,7 @@ class SharpTerms:
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
         self.prior, self.classify_weight = loss["adv_prior"], loss["disc_classify"]
+        self.fitted_prior = loss["adv_prior_from"] == "fitted"
         self.head_policy = loss["disc_classify_aug"].strip(", ")
 
     @property
@@ -1863,6 +1877,11 @@ class SharpTerms:
     def wants_prior_samples(self, step):
         """Whether this step's forward pass should also decode prior samples (VAE.forward(prior_samples=))."""
         return (self.prior or self.classify_weight > 0) and self.adversarial_on(step)
+
+    def draws_fitted_prior(self, step):
+        """Whether the prior samples of step come from the fitted prior (loss.adv_prior_from), so that the
+        prior must be fitted before it."""
+        return self.fitted_prior and self.wants_prior_samples(step)
 
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
@@ -1979,7 +1998,7 @@ def step_forward(model, x, y, sharp, step):
     """The training step's forward pass: (x_hat, x_prior, mu, logvar), x_prior the prior samples the
     adversarial term asks for at this step (loss.adv_prior, loss.disc_classify), else None."""
     if sharp is not None and sharp.wants_prior_samples(step):
-        return model(x, y, prior_samples=True)
+        return model(x, y, prior_samples=True, fitted_prior=sharp.fitted_prior)
     x_hat, mu, logvar = model(x, y)
     return x_hat, None, mu, logvar
 
@@ -3363,10 +3382,11 @@ def evaluate_and_save_epoch(run):
     with timed(run, "validation"):
         metrics = epoch_metrics(run)
     fid_due = run.fid is not None and (run.epoch % cfg["fid"]["every"] == 0 or run.epoch == t["epochs"])
-    # the fit costs an encoder pass over the training set, so it runs only where samples are scored and
-    # at the end; grids in between use the latest fit. With FID off, best.pt (chosen by ELBO, which the
-    # prior does not enter) gets its fit at the end too.
-    if cfg["model"]["prior"] == "fitted" and (fid_due or run.epoch == t["epochs"]):
+    # the fit costs an encoder pass over the training set, so it runs only where samples are scored, at the
+    # end, and where the next epoch's adversarial term draws from it; grids in between use the latest fit.
+    # With FID off, best.pt (chosen by ELBO, which the prior does not enter) gets its fit at the end too.
+    adversarial_draws = run.sharp is not None and run.sharp.draws_fitted_prior(run.step + run.steps_per_epoch - 1)
+    if cfg["model"]["prior"] == "fitted" and (fid_due or run.epoch == t["epochs"] or adversarial_draws):
         fit_run_prior(run)
     if fid_due:
         with timed(run, "fid"):

@@ -679,6 +679,42 @@ def test_forward_with_prior_samples_decodes_standard_normal_z_beside_the_posteri
     assert not torch.allclose(x_prior, model.decode(eps, torch.tensor([1, 2, 0, 1, 2])), atol=1e-3)  # labels count
 
 
+def decoded_codes(model, *args, **kwargs):
+    """The z rows the model's forward pass hands its decoder."""
+    seen, decode = [], model.decode
+    model.decode = lambda z, y=None: seen.append(z.detach().clone()) or decode(z, y)
+    model(*args, **kwargs)
+    return seen[0]
+
+
+@pytest.mark.parametrize("components", [1, 2])
+def test_forward_draws_its_prior_samples_from_the_fitted_prior_when_asked(components):
+    torch.manual_seed(0)
+    model = run_vae.VAE(16, latent_dim=8, num_classes=3, prior_components=components).eval()
+    means = torch.arange(3 * components, dtype=torch.float32).view(3, components, 1).expand(3, components, 8) * 10
+    tiny = torch.eye(8).repeat(3, 1, 1) * 1e-3
+    model.set_prior(means[:, 0] + 5, tiny)
+    if components > 1:
+        model.prior_mix_mean.copy_(means)
+        model.prior_mix_scale_tril.copy_(tiny[:, None].expand(3, components, 8, 8))
+    x, y = disc_images(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    standard = decoded_codes(model, x, y, prior_samples=True)[6:]
+    assert standard.abs().max() < 6 and standard.std() > 0.5  # N(0, I), whatever the buffers hold
+    fitted = decoded_codes(model, x, y, prior_samples=True, fitted_prior=True)[6:]
+    if components == 1:  # each row at its class's Gaussian
+        assert torch.allclose(fitted, means[y, 0] + 5, atol=0.01)
+    else:  # each row at one of its class's components
+        nearest = (fitted[:, None] - means[y]).abs().amax(-1).min(1).values
+        assert torch.all(nearest < 0.01)
+
+
+def test_prior_samples_from_the_fitted_prior_need_a_fitted_prior():
+    with pytest.raises(run_vae.ConfigError, match="set model.prior=fitted, or loss.adv_prior_from=standard"):
+        run_vae.load_config(None, {"model": {"prior": "standard"}, "loss": {"adv_prior_from": "fitted"}})
+    with pytest.raises(run_vae.ConfigError, match="loss.adv_prior_from must be one of standard, fitted"):
+        run_vae.load_config(None, {"loss": {"adv_prior_from": "mixture"}})
+
+
 def test_prior_samples_join_the_fakes_of_both_players(tmp_path):
     torch.manual_seed(0)
     sharp = run_vae.SharpTerms(sharp_config(tmp_path, adversarial=0.5, adv_prior=True), "cpu", steps_per_epoch=10)
@@ -752,11 +788,13 @@ def test_a_16px_adversarial_run_trains_both_players_and_best_pt_has_no_discrimin
 
 @pytest.mark.parametrize("adv_prior, conditional, classify", [(False, False, 0.0), (True, False, 0.0),
                                                                (True, True, 0.0), (False, True, 1.0),
-                                                               (False, True, "hue")])
+                                                               (False, True, "hue"), ("fitted", True, 0.0)])
 def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, image_folder, adv_prior, conditional,
                                                                    classify):
-    # classify "hue": a class head whose inputs are hue-turned, random draws the resume must replay
-    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": adv_prior, "disc_conditional": conditional,
+    # classify "hue": a class head whose inputs are hue-turned, random draws the resume must replay;
+    # adv_prior "fitted": prior samples from the prior refitted after each epoch, which last.pt must carry
+    loss = {"adversarial": 0.5, "adv_start": 0.5, "r1": 0.1, "adv_prior": bool(adv_prior),
+            "adv_prior_from": "fitted" if adv_prior == "fitted" else "standard", "disc_conditional": conditional,
             "disc_classify": 1.0 if classify else 0.0,
             "disc_classify_aug": classify if isinstance(classify, str) else ""}
     model = {"latent_dim": 8, "conditional": conditional}
@@ -769,6 +807,17 @@ def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, ima
     a, b = (load_checkpoint(tmp_path / f"logs/{n}/last.pt") for n in ("full", "part"))
     assert_same_weights(a["model"], b["model"])
     assert_same_weights(a["sharp"]["disc"], b["sharp"]["disc"])
+
+
+@pytest.mark.parametrize("source, fits", [("standard", 1), ("fitted", 3)])
+def test_a_run_drawing_adversarial_samples_from_the_fitted_prior_refits_it_every_epoch(tmp_path, image_folder,
+                                                                                      source, fits):
+    # FID is off, so the prior is otherwise fitted once, at the end; the discriminator starts with epoch 2,
+    # so the fitted prior is needed after epochs 1 and 2, and the end's fit comes on top
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3}, model={"latent_dim": 8, "conditional": True},
+                      loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": True, "adv_prior_from": source})
+    summary = train(cfg)
+    assert summary["timings"]["prior_fits"] == fits
 
 
 def test_resume_refuses_to_drop_the_discriminator(tmp_path, image_folder):
