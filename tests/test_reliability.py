@@ -4,6 +4,8 @@ import errno
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -408,3 +410,20 @@ def test_config_is_optional_on_the_command_line(tmp_path, monkeypatch):
 def test_flags_and_overrides_mix_in_any_order():
     args = run_vae.parse_args(["data.root=x", "--conditional", "run.name=y", "--resume"])
     assert args.resume and args.overrides == ["model.conditional=True", "data.root=x", "run.name=y"]
+
+
+def test_the_suite_removes_a_passing_tests_temp_folder_and_keeps_a_failing_ones(tmp_path):
+    # the suite's runs write checkpoints into tmp_path; pytest.ini must not let them pile up on the disk
+    repo = Path(__file__).resolve().parent.parent
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "test_probe.py").write_text(
+        "def test_passes(tmp_path):\n    (tmp_path / 'big.bin').write_bytes(bytes(1000))\n\n"
+        "def test_fails(tmp_path):\n    (tmp_path / 'big.bin').write_bytes(bytes(1000))\n    assert False\n")
+    base = tmp_path / "base"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(repo / "pytest.ini"), "-p",
+                           "no:cacheprovider", f"--basetemp={base}", str(probe / "test_probe.py")],
+                          capture_output=True, text=True, cwd=probe, timeout=120)
+    assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+    assert not (base / "test_passes0").exists()
+    assert (base / "test_fails0" / "big.bin").is_file()
