@@ -148,7 +148,8 @@ def curve(run_dir, tag="train/loss"):
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     """Two launches. First: a run without sampling noise, a full run (noise, flips, EMA, CVAE, FID, a mixture
-    prior, and a discriminator with R1, DiffAugment and prior samples), the full run again ending after epoch 1,
+    prior, and a discriminator with R1, DiffAugment and prior samples drawn from that prior), the full run again
+    ending after epoch 1,
     a Soft-IntroVAE run (its updates bypass the wrapper), and the full run once more, stopped in epoch 2 by a
     Ctrl-C sent to torchrun (last: torchrun shuts down after it).
     Second: the --resume of the two full runs cut short, and the --resume under torchrun of a run one
@@ -158,7 +159,8 @@ def group(tmp_path_factory):
     (tmp / "dumps").mkdir()
     full = {"data": {"hflip": True}, "model": {"conditional": True, "prior_components": 2}, "train": {"ema": 0.9},
             "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6},
-            "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0, "adv_prior": True}}
+            "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0, "adv_prior": True,
+                     "adv_prior_from": "fitted"}}
     cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
             "part": config(tmp, images, "part", **full), "edge": config(tmp, images, "edge", **full),
             "solo": config(tmp, images, "solo"),
