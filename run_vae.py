@@ -3316,8 +3316,16 @@ def epoch_metrics(run):
     eval_set = run.val_set if len(run.val_set) else run.train_set
     val_metrics, kl_dims = evaluate_elbo(run.sampling_model, eval_set, run.device, amp_dtype=run.amp_dtype)
     metrics.update(val_metrics)
-    run.writer.add_histogram("latent/kl_per_dim", kl_dims, run.epoch)
+    if torch.isfinite(kl_dims).all():  # TensorBoard refuses a histogram of NaNs; the caller stops the run
+        run.writer.add_histogram("latent/kl_per_dim", kl_dims, run.epoch)
     return metrics
+
+
+def stop_if_non_finite(run, metrics):
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # nothing of this epoch is saved: last.pt keeps the last state whose numbers were finite
+        raise diverged(f"epoch {run.epoch} ended with non-finite {', '.join(bad)}", run,
+                       run.epoch - 1 if run.paths.last.is_file() else 0)
 
 
 def fit_run_prior(run):
@@ -3383,20 +3391,19 @@ def evaluate_and_save_epoch(run):
     cfg, t = run.cfg, run.cfg["train"]
     with timed(run, "validation"):
         metrics = epoch_metrics(run)
+    stop_if_non_finite(run, metrics)  # before the prior fit, which cannot factor non-finite codes
     fid_due = run.fid is not None and (run.epoch % cfg["fid"]["every"] == 0 or run.epoch == t["epochs"])
     # the fit costs an encoder pass over the training set, so it runs only where samples are scored, at the
     # end, and where the next epoch's adversarial term draws from it; grids in between use the latest fit.
     # With FID off, best.pt (chosen by ELBO, which the prior does not enter) gets its fit at the end too.
-    adversarial_draws = run.sharp is not None and run.sharp.draws_fitted_prior(run.step + run.steps_per_epoch - 1)
-    if cfg["model"]["prior"] == "fitted" and (fid_due or run.epoch == t["epochs"] or adversarial_draws):
+    adversarial_needs_fit = (run.sharp is not None and
+                             run.sharp.draws_fitted_prior(run.step + run.steps_per_epoch - 1))
+    if cfg["model"]["prior"] == "fitted" and (fid_due or run.epoch == t["epochs"] or adversarial_needs_fit):
         fit_run_prior(run)
     if fid_due:
         with timed(run, "fid"):
             metrics.update(run.fid.score(run.sampling_model))
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:  # nothing of this epoch is saved: last.pt keeps the last state whose numbers were finite
-        raise diverged(f"epoch {run.epoch} ended with non-finite {', '.join(bad)}", run,
-                       run.epoch - 1 if run.paths.last.is_file() else 0)
+        stop_if_non_finite(run, metrics)
     if run.epoch % t["sample_every"] == 0 or run.epoch == t["epochs"]:
         eval_set = run.val_set if len(run.val_set) else run.train_set
         with timed(run, "grids"):

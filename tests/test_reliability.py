@@ -427,3 +427,24 @@ def test_the_suite_removes_a_passing_tests_temp_folder_and_keeps_a_failing_ones(
     assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
     assert not (base / "test_passes0").exists()
     assert (base / "test_fails0" / "big.bin").is_file()
+
+
+@pytest.mark.parametrize("loss", [{}, {"adversarial": 0.5, "adv_start": 1.0, "adv_prior": True,
+                                       "adv_prior_from": "fitted"}])
+def test_weights_gone_non_finite_after_an_epochs_last_step_stop_the_run_with_the_message(tmp_path, image_folder,
+                                                                                      monkeypatch, loss):
+    # The loss checks miss weights that a last update with a finite loss turned non-finite; epoch 2's
+    # validation finds them. Neither its TensorBoard histogram nor, where the adversarial term draws from the
+    # fitted prior (refitted after every epoch), a fit of non-finite codes may get in before the message.
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3}, model={"conditional": True}, loss=loss)
+    real_metrics = run_vae.epoch_metrics
+
+    def metrics_of_weights_gone_non_finite_in_epoch_two(run):
+        if run.epoch == 2:
+            with torch.no_grad():
+                run.model.fc_mu.weight.fill_(float("nan"))
+        return real_metrics(run)
+    monkeypatch.setattr(run_vae, "epoch_metrics", metrics_of_weights_gone_non_finite_in_epoch_two)
+    with pytest.raises(TrainingDiverged, match="holds epoch 1, the last state with finite metrics"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["epoch"] == 1
