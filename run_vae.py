@@ -428,6 +428,11 @@ def check_config(cfg):
     if loss["adv_prior_from"] == "fitted" and cfg["model"]["prior"] != "fitted":
         raise ConfigError("loss.adv_prior_from=fitted draws the adversarial term's prior samples from the fitted "
                           "prior, and model.prior is standard: set model.prior=fitted, or loss.adv_prior_from=standard")
+    if loss["adv_prior_from"] == "fitted" and not (loss["adversarial"] > 0 and (loss["adv_prior"] or
+                                                                             loss["disc_classify"] > 0)):
+        raise ConfigError("loss.adv_prior_from=fitted says where the discriminator's prior samples come from, and "
+                          "none are drawn: set loss.adversarial > 0 with loss.adv_prior=true (or loss.disc_classify "
+                          "> 0), or loss.adv_prior_from=standard")
     if loss["disc_conditional"] and not cfg["model"]["conditional"]:
         raise ConfigError("loss.disc_conditional tells the discriminator each image's label, which only a "
                           "conditional model has: set model.conditional=true, or loss.disc_conditional=false")
@@ -1363,18 +1368,19 @@ class VAE(nn.Module):
             h = layer(h, c) if isinstance(layer, ClassBatchNorm) else layer(h)
         return h
 
-    def forward(self, x, y=None, prior_samples=False, fitted_prior=False):
+    def forward(self, x, y=None, prior_samples=False, from_fitted_prior=False):
         """(x_hat, mu, logvar); with prior_samples also x_prior, as many images decoded from z ~ N(0, I) (with
-        fitted_prior, from the prior in the buffers, a mixture's components too) with the same labels, in the
-        same decoder pass (for the adversarial term: under torchrun its gradients must flow through the
-        wrapped forward)."""
+        from_fitted_prior, from the prior in the buffers, a mixture's components included) with the same
+        labels, in the same decoder pass (for the adversarial term: under torchrun its gradients must flow
+        through the wrapped forward)."""
         mu, logvar = self.encode(x, y)
         z = reparameterize(mu, logvar)
         if not prior_samples:
             return self.decode(z, y), mu, logvar
         z_prior = torch.randn_like(z)
-        if fitted_prior:
-            z_prior = self.prior_z(z_prior, y, self.draw_pick(len(z))).to(z.dtype)
+        if from_fitted_prior:  # a mixture's picks drawn where z is: no host-to-device copy in a training step
+            pick = torch.rand(len(z), device=z.device) if self.prior_components > 1 else None
+            z_prior = self.prior_z(z_prior, y, pick).to(z.dtype)
         both = self.decode(torch.cat([z, z_prior]), None if y is None else torch.cat([y, y]))
         return *both.chunk(2), mu, logvar
 
@@ -1866,7 +1872,7 @@ class SharpTerms:
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
         self.max_weight, self.r1, self.policy = loss["adv_weight_max"], loss["r1"], loss["diffaug"]
         self.prior, self.classify_weight = loss["adv_prior"], loss["disc_classify"]
-        self.fitted_prior = loss["adv_prior_from"] == "fitted"
+        self.prior_from_fitted = loss["adv_prior_from"] == "fitted"
         self.head_policy = loss["disc_classify_aug"].strip(", ")
 
     @property
@@ -1883,7 +1889,7 @@ class SharpTerms:
     def draws_fitted_prior(self, step):
         """Whether the prior samples of step come from the fitted prior (loss.adv_prior_from), so that the
         prior must be fitted before it."""
-        return self.fitted_prior and self.wants_prior_samples(step)
+        return self.prior_from_fitted and self.wants_prior_samples(step)
 
     def augment(self, x):
         return diff_augment(x, self.policy) if self.policy else x
@@ -2000,7 +2006,7 @@ def step_forward(model, x, y, sharp, step):
     """The training step's forward pass: (x_hat, x_prior, mu, logvar), x_prior the prior samples the
     adversarial term asks for at this step (loss.adv_prior, loss.disc_classify), else None."""
     if sharp is not None and sharp.wants_prior_samples(step):
-        return model(x, y, prior_samples=True, fitted_prior=sharp.fitted_prior)
+        return model(x, y, prior_samples=True, from_fitted_prior=sharp.prior_from_fitted)
     x_hat, mu, logvar = model(x, y)
     return x_hat, None, mu, logvar
 

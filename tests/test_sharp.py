@@ -700,7 +700,7 @@ def test_forward_draws_its_prior_samples_from_the_fitted_prior_when_asked(compon
     x, y = disc_images(6), torch.tensor([0, 1, 2, 0, 1, 2])
     standard = decoded_codes(model, x, y, prior_samples=True)[6:]
     assert standard.abs().max() < 6 and standard.std() > 0.5  # N(0, I), whatever the buffers hold
-    fitted = decoded_codes(model, x, y, prior_samples=True, fitted_prior=True)[6:]
+    fitted = decoded_codes(model, x, y, prior_samples=True, from_fitted_prior=True)[6:]
     if components == 1:  # each row at its class's Gaussian
         assert torch.allclose(fitted, means[y, 0] + 5, atol=0.01)
     else:  # each row at one of its class's components
@@ -708,11 +708,30 @@ def test_forward_draws_its_prior_samples_from_the_fitted_prior_when_asked(compon
         assert torch.all(nearest < 0.01)
 
 
-def test_prior_samples_from_the_fitted_prior_need_a_fitted_prior():
+def test_prior_samples_from_the_fitted_prior_need_a_fitted_prior_and_a_term_that_draws_them():
     with pytest.raises(run_vae.ConfigError, match="set model.prior=fitted, or loss.adv_prior_from=standard"):
         run_vae.load_config(None, {"model": {"prior": "standard"}, "loss": {"adv_prior_from": "fitted"}})
     with pytest.raises(run_vae.ConfigError, match="loss.adv_prior_from must be one of standard, fitted"):
         run_vae.load_config(None, {"loss": {"adv_prior_from": "mixture"}})
+    for loss in ({}, {"adversarial": 0.5}, {"adv_prior": True}):
+        with pytest.raises(run_vae.ConfigError, match="none are drawn: set loss.adversarial > 0 with"):
+            run_vae.load_config(None, {"loss": {"adv_prior_from": "fitted", **loss}})
+    for loss in ({"adv_prior": True}, {"disc_classify": 1.0}):
+        run_vae.load_config(None, {"model": {"conditional": True},
+                                   "loss": {"adv_prior_from": "fitted", "adversarial": 0.5, **loss}})
+
+
+@pytest.mark.parametrize("source", ["standard", "fitted"])
+def test_the_training_step_decodes_prior_samples_from_the_source_the_config_names(tmp_path, source):
+    model = run_vae.VAE(16, latent_dim=8, num_classes=3).eval()
+    model.set_prior(torch.full((3, 8), 50.0), torch.eye(8).repeat(3, 1, 1) * 1e-3)
+    sharp = run_vae.SharpTerms(sharp_config(tmp_path, model={"conditional": True}, adversarial=0.5, adv_prior=True,
+                                            adv_prior_from=source), "cpu", steps_per_epoch=10, num_classes=3)
+    seen, decode = [], model.decode
+    model.decode = lambda z, y=None: seen.append(z.detach()) or decode(z, y)
+    run_vae.step_forward(model, disc_images(4), torch.tensor([0, 1, 2, 0]), sharp, step=0)
+    prior_codes = seen[0][4:]
+    assert torch.allclose(prior_codes, torch.full_like(prior_codes, 50.0), atol=0.01) == (source == "fitted")
 
 
 def test_prior_samples_join_the_fakes_of_both_players(tmp_path):
@@ -809,15 +828,18 @@ def test_resume_with_the_discriminator_equals_an_uninterrupted_run(tmp_path, ima
     assert_same_weights(a["sharp"]["disc"], b["sharp"]["disc"])
 
 
-@pytest.mark.parametrize("source, fits", [("standard", 1), ("fitted", 3)])
+@pytest.mark.parametrize("source, fitted_after", [("standard", [4]), ("fitted", [2, 3, 4])])
 def test_a_run_drawing_adversarial_samples_from_the_fitted_prior_refits_it_every_epoch(tmp_path, image_folder,
-                                                                                      source, fits):
-    # FID is off, so the prior is otherwise fitted once, at the end; the discriminator starts with epoch 2,
-    # so the fitted prior is needed after epochs 1 and 2, and the end's fit comes on top
-    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3}, model={"latent_dim": 8, "conditional": True},
-                      loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": True, "adv_prior_from": source})
+                                                                                      monkeypatch, source,
+                                                                                      fitted_after):
+    # FID is off, so the prior is otherwise fitted once, at the end. 3 steps an epoch: the discriminator starts
+    # at step round(2.5 * 3) = 8, the second of epoch 3, so the first fit it needs comes after epoch 2
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 4}, model={"latent_dim": 8, "conditional": True},
+                      loss={"adversarial": 0.5, "adv_start": 2.5, "adv_prior": True, "adv_prior_from": source})
+    epochs, fit = [], run_vae.fit_run_prior
+    monkeypatch.setattr(run_vae, "fit_run_prior", lambda run: epochs.append(run.epoch) or fit(run))
     summary = train(cfg)
-    assert summary["timings"]["prior_fits"] == fits
+    assert epochs == fitted_after and summary["timings"]["prior_fits"] == len(fitted_after)
 
 
 def test_resume_refuses_to_drop_the_discriminator(tmp_path, image_folder):
