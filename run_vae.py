@@ -160,10 +160,12 @@ DEFAULTS = {
         "adv_prior_from": "standard",  # where the prior samples that adv_prior and disc_classify decode come from:
                                   # standard N(0, I), the KL's prior | fitted, the model's fitted prior (model.prior
                                   # fitted), refitted after every epoch from the one before the discriminator starts
-                                  # (an encoder pass over the training set each): the term then sharpens the codes
-                                  # that samples are drawn from, which on a CVAE lie away from N(0, I). On apples
-                                  # it lowered FID and FD_eff from 10 Gaussians per class, and raised them from one
-                                  # (docs/results.md): sample such a run from a mixture
+                                  # (an encoder pass over the training set each, and EM for a mixture; N(0, I)
+                                  # until the first fit): the term then sharpens the codes that samples are drawn
+                                  # from, which on a CVAE lie away from N(0, I). On apples, trained with one
+                                  # Gaussian per class, it lowered FID and FD_eff when sampled from 10 refitted
+                                  # after training (test.prior_components=10) and raised them from the one;
+                                  # trained with 10 (model.prior_components=10) it lost (docs/results.md)
         "disc_conditional": False,# with model.conditional, the discriminator is told the label (a projection
                                   # discriminator, Miyato & Koyama 2018): a fake must look like its class, not
                                   # merely like some real image
