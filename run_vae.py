@@ -110,7 +110,7 @@ DEFAULTS = {
     },
     "train": {
         "epochs": 20,
-        "batch_size": 4,          # from the measurements in README "Results": at a fixed number of
+        "batch_size": 4,          # from the measurements in docs/results.md: at a fixed number of
         "lr": 4e-3,               # Adam; epochs, more, smaller and bolder steps gave the best samples
         "lr_schedule": "cosine",  # constant | cosine (per step, down to 0 at the last step)
         "lr_warmup": 1.0,         # epochs of linear lr warm-up from 0 (fractions allowed); 0 = off. Tames
