@@ -679,12 +679,18 @@ def test_forward_with_prior_samples_decodes_standard_normal_z_beside_the_posteri
     assert not torch.allclose(x_prior, model.decode(eps, torch.tensor([1, 2, 0, 1, 2])), atol=1e-3)  # labels count
 
 
-def decoded_codes(model, *args, **kwargs):
-    """The z rows the model's forward pass hands its decoder."""
+def record_decoded_codes(model):
+    """A list that collects every z the model's decoder is handed from now on."""
     seen, decode = [], model.decode
     model.decode = lambda z, y=None: seen.append(z.detach().clone()) or decode(z, y)
+    return seen
+
+
+def decoded_codes(model, *args, **kwargs):
+    """The z rows the model's forward pass hands its decoder."""
+    seen = record_decoded_codes(model)
     model(*args, **kwargs)
-    return seen[0]
+    return seen[-1]
 
 
 @pytest.mark.parametrize("components", [1, 2])
@@ -727,8 +733,7 @@ def test_the_training_step_decodes_prior_samples_from_the_source_the_config_name
     model.set_prior(torch.full((3, 8), 50.0), torch.eye(8).repeat(3, 1, 1) * 1e-3)
     sharp = run_vae.SharpTerms(sharp_config(tmp_path, model={"conditional": True}, adversarial=0.5, adv_prior=True,
                                             adv_prior_from=source), "cpu", steps_per_epoch=10, num_classes=3)
-    seen, decode = [], model.decode
-    model.decode = lambda z, y=None: seen.append(z.detach()) or decode(z, y)
+    seen = record_decoded_codes(model)
     run_vae.step_forward(model, disc_images(4), torch.tensor([0, 1, 2, 0]), sharp, step=0)
     prior_codes = seen[0][4:]
     assert torch.allclose(prior_codes, torch.full_like(prior_codes, 50.0), atol=0.01) == (source == "fitted")
