@@ -3345,6 +3345,21 @@ def fit_run_prior(run):
     run.timings["prior_fits"] += 1
 
 
+def refit_prior_on_resume(run):
+    """Fit the prior before a resumed epoch that draws its adversarial prior samples from it, where last.pt
+    carries no fit after its last epoch: loss.adv_prior_from or loss.adv_start changed since it was saved.
+    Without this that epoch would draw from N(0, I) or an older fit. A run resumed as it was saved has the fit."""
+    epoch_end = run.step - run.batch_in_epoch + run.steps_per_epoch - 1
+    if run.sharp is None or run.prior_epoch == run.epoch or not run.sharp.draws_fitted_prior(epoch_end):
+        return
+    if run.world.is_main:
+        since = f"not fitted since epoch {run.prior_epoch}" if run.prior_epoch else "never fitted"
+        print(f"the next epoch draws its adversarial prior samples from the fitted prior, which {run.paths.last} "
+              f"has {since}: fitting it now" + (" to the mid-epoch weights" if run.batch_in_epoch else ""))
+    run.prior_epoch = on_rank0(run.world, lambda: (fit_run_prior(run), run.prior_epoch)[1])
+    broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
+
+
 def refit_run_best(run):
     with timed(run, "prior_fit"):
         run.timings["prior_fits"] += refit_stale_prior(run.paths.best, lambda: run.train_set, run.device,
@@ -3492,6 +3507,7 @@ def start_run(cfg, world, paths, resume, fid_features):
     run.best_sign = 1.0 if lower_is_better else -1.0  # compare sign * value, lower wins
     if resume:  # rank 0 reads last.pt and sends it: the other machines of a group need no copy of the logs
         restore_run(run, on_rank0(world, lambda: check_resumable(cfg, load_checkpoint(paths.last), paths.last)))
+        refit_prior_on_resume(run)
     on_rank0(world, lambda: start_logs(run, resume))
     return run
 

@@ -8,6 +8,7 @@ move both ways between a 2-process group and one process.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,7 @@ DRIVER = textwrap.dedent("""
 
         def step(run, *args):
             seen["run"] = run
+            seen.setdefault("first_prior", run.model.prior_mean.abs().sum().item())  # what step 1 samples from
             out = real_step(run, *args)
             if rank == 1 and run.step == job.get("interrupt_during_step"):
                 interrupt_through_torchrun()
@@ -105,7 +107,8 @@ DRIVER = textwrap.dedent("""
             torch.save({{"model": run.model.state_dict(), "sampling": run.sampling_model.state_dict(), "disc": disc}},
                        job["dump"].format(rank=rank))
         recording[0] = True
-        results.append({{"status": status, "fid_images": features.calls if features else 0, "prior_fits": fits[0]}})
+        results.append({{"status": status, "fid_images": features.calls if features else 0, "prior_fits": fits[0],
+                        "first_step_prior": seen.get("first_prior")}})
     recording[0] = False
     json.dump({{"rank": rank, "writes": writes, "jobs": results}}, open(report_file.format(rank=rank), "w"))
 """)
@@ -123,9 +126,18 @@ def torchrun(tmp_path, name, jobs, expect_success=True, timeout=240):
     jobs_file.write_text(json.dumps(jobs))
     report = str(tmp_path / f"{name}_rank{{rank}}.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "offline"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(driver), str(jobs_file), str(tmp_path / "out"), report],
-                         capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    # a session of its own, so that a launch that hangs is killed with its workers, which would otherwise
+    # outlive torchrun and hold the CPU for the rest of the suite
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(driver), str(jobs_file), str(tmp_path / "out"), report], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        stdout, stderr = launch.communicate()
+        pytest.fail(f"{name} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    out = subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr)
     assert out.returncode == 0 or not expect_success, f"{name}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     reports = []
     for rank in (0, 1):
@@ -152,8 +164,9 @@ def group(tmp_path_factory):
     ending after epoch 1,
     a Soft-IntroVAE run (its updates bypass the wrapper), and the full run once more, stopped in epoch 2 by a
     Ctrl-C sent to torchrun (last: torchrun shuts down after it).
-    Second: the --resume of the two full runs cut short, and the --resume under torchrun of a run one
-    process began (through run_vae.main, as the command line does)."""
+    Second: the --resume of the two full runs cut short, the --resume under torchrun of a run one
+    process began (through run_vae.main, as the command line does), and of another one process began with
+    the discriminator's prior samples from N(0, I), resumed drawing them from the fitted prior."""
     tmp = tmp_path_factory.mktemp("ddp")
     images = make_image_folder(tmp / "images")  # 36 images: 29 train (3 steps of 8 an epoch), 7 validation
     (tmp / "dumps").mkdir()
@@ -161,9 +174,11 @@ def group(tmp_path_factory):
             "fid": {"enabled": True, "every": 1, "num_samples": 12, "real_max": 12, "batch_size": 6},
             "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "r1": 1.0, "adv_prior": True,
                      "adv_prior_from": "fitted"}}
+    switch = {"model": {"conditional": True},
+              "loss": {"adversarial": 0.1, "adv_start": 0.0, "disc_channels": 4, "adv_prior": True}}
     cfgs = {"exact": config(tmp, images, "exact"), "full": config(tmp, images, "full", **full),
             "part": config(tmp, images, "part", **full), "edge": config(tmp, images, "edge", **full),
-            "solo": config(tmp, images, "solo"),
+            "solo": config(tmp, images, "solo"), "switch": config(tmp, images, "switch", **switch),
             "intro": config(tmp, images, "intro", model={"conditional": True}, train={"ema": 0.9},
                             loss={"soft_intro": True, "adv_start": 0.5})}
     dump = str(tmp / "dumps" / "{name}_rank{{rank}}.pt")
@@ -175,14 +190,25 @@ def group(tmp_path_factory):
         # epoch 1 is steps 0-2: rank 1 has torchrun interrupt the group during step 4, the second of epoch 2
         {"config": cfgs["part"], "fid": True, "interrupt_during_step": 4}], expect_success=False)
     run_vae.train(cfgs["solo"], max_epochs=1)  # one process, epoch 1 of 2; the second launch finishes it
+    run_vae.train(cfgs["switch"], max_epochs=1)  # N(0, I) for the discriminator's prior samples...
+    cfgs["switch"]["loss"]["adv_prior_from"] = "fitted"  # ...then the fitted prior, fitted on resume
     solo_yaml = tmp / "solo.yaml"
     solo_yaml.write_text(run_vae.config_to_yaml(cfgs["solo"]))
     second, second_out = torchrun(tmp, "second", [
         {"config": cfgs["part"], "resume": True, "fid": True, "dump": dump.format(name="part")},
         {"config": cfgs["edge"], "resume": True, "fid": True, "dump": dump.format(name="edge")},
+        {"config": cfgs["switch"], "resume": True},
+        # last: run_vae.main leaves the process group, which torchrun's rendezvous does not let a process rejoin
         {"argv": ["--config", str(solo_yaml), "--resume"], "dump": dump.format(name="solo")}])
     return {"tmp": tmp, "images": images, "cfgs": cfgs, "reports": {"first": first, "second": second},
             "outputs": {"first": first_out, "second": second_out}}
+
+
+def test_a_group_resumed_to_draw_from_the_fitted_prior_fits_it_on_rank_0_and_sends_it(group):
+    rank0, rank1 = (r["jobs"][2] for r in group["reports"]["second"])
+    assert rank0["status"] == rank1["status"] == "done"
+    assert rank0["prior_fits"] == 2 and rank1["prior_fits"] == 0  # on resume and at the end
+    assert rank0["first_step_prior"] > 0 and rank0["first_step_prior"] == rank1["first_step_prior"]
 
 
 def test_both_ranks_end_with_the_same_weights_and_buffers(group):
@@ -281,7 +307,7 @@ def test_a_2_process_checkpoint_loads_in_one_process_and_the_reverse(group, tmp_
     (tmp_path / "logs/more").mkdir(parents=True)
     (tmp_path / "logs/more/last.pt").write_bytes((tmp / "out/logs/full/last.pt").read_bytes())
     assert run_vae.train(more, resume=True, fid_features=tiny_features())["epoch"] == 3
-    assert group["reports"]["second"][0]["jobs"][2]["status"] == 0
+    assert group["reports"]["second"][0]["jobs"][3]["status"] == 0
     solo = run_vae.load_checkpoint(tmp / "out/logs/solo/last.pt")
     assert solo["epoch"] == 2 and len(solo["rank_rng"]) == 2
 
