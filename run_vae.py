@@ -3353,9 +3353,10 @@ def refit_prior_on_resume(run):
     if run.sharp is None or run.prior_epoch == run.epoch or not run.sharp.draws_fitted_prior(epoch_end):
         return
     if run.world.is_main:
-        since = f"not fitted since epoch {run.prior_epoch}" if run.prior_epoch else "never fitted"
-        print(f"the next epoch draws its adversarial prior samples from the fitted prior, which {run.paths.last} "
-              f"has {since}: fitting it now" + (" to the mid-epoch weights" if run.batch_in_epoch else ""))
+        held = f"its fit from epoch {run.prior_epoch}" if run.prior_epoch else "no fit, so N(0, I)"
+        now = f"at step {run.step}, in epoch {run.epoch + 1}" if run.batch_in_epoch else f"of epoch {run.epoch}"
+        print(f"the adversarial prior samples now come from the fitted prior, and {run.paths.last} holds {held}: "
+              f"fitting it to the weights {now}")
     run.prior_epoch = on_rank0(run.world, lambda: (fit_run_prior(run), run.prior_epoch)[1])
     broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
 

@@ -119,6 +119,22 @@ def forward_without_noise(self, x, y=None):
     return self.decode(mu, y), mu, logvar
 
 
+def stop_launch(launch):
+    """Stop a hung torchrun and its workers; returns its output. The workers run in sessions of their own, so
+    killing torchrun alone would leave them holding the CPU (and its pipes) for the rest of the suite: SIGTERM
+    has torchrun stop them, and where that fails they are killed one by one."""
+    launch.terminate()
+    try:
+        return launch.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        tasks = f"/proc/{launch.pid}/task"
+        for task in os.listdir(tasks):
+            for pid in open(f"{tasks}/{task}/children").read().split():
+                os.kill(int(pid), signal.SIGKILL)
+        launch.kill()
+        return launch.communicate(timeout=60)
+
+
 def torchrun(tmp_path, name, jobs, expect_success=True, timeout=240):
     """One `torchrun --standalone --nproc_per_node=2` launch of the driver; the ranks' reports, and the output."""
     driver, jobs_file = tmp_path / "driver.py", tmp_path / f"{name}.json"
@@ -126,16 +142,13 @@ def torchrun(tmp_path, name, jobs, expect_success=True, timeout=240):
     jobs_file.write_text(json.dumps(jobs))
     report = str(tmp_path / f"{name}_rank{{rank}}.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "offline"}
-    # a session of its own, so that a launch that hangs is killed with its workers, which would otherwise
-    # outlive torchrun and hold the CPU for the rest of the suite
     launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                str(driver), str(jobs_file), str(tmp_path / "out"), report], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         stdout, stderr = launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)
-        stdout, stderr = launch.communicate()
+        stdout, stderr = stop_launch(launch)
         pytest.fail(f"{name} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
     out = subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr)
     assert out.returncode == 0 or not expect_success, f"{name}:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
@@ -197,7 +210,7 @@ def group(tmp_path_factory):
     second, second_out = torchrun(tmp, "second", [
         {"config": cfgs["part"], "resume": True, "fid": True, "dump": dump.format(name="part")},
         {"config": cfgs["edge"], "resume": True, "fid": True, "dump": dump.format(name="edge")},
-        {"config": cfgs["switch"], "resume": True},
+        {"config": cfgs["switch"], "resume": True, "dump": dump.format(name="switch")},
         # last: run_vae.main leaves the process group, which torchrun's rendezvous does not let a process rejoin
         {"argv": ["--config", str(solo_yaml), "--resume"], "dump": dump.format(name="solo")}])
     return {"tmp": tmp, "images": images, "cfgs": cfgs, "reports": {"first": first, "second": second},
@@ -212,7 +225,7 @@ def test_a_group_resumed_to_draw_from_the_fitted_prior_fits_it_on_rank_0_and_sen
 
 
 def test_both_ranks_end_with_the_same_weights_and_buffers(group):
-    for name in ("exact", "full", "part", "edge", "solo", "intro"):  # intro: Soft-IntroVAE's own updates
+    for name in ("exact", "full", "part", "edge", "solo", "intro", "switch"):  # intro: Soft-IntroVAE's own updates
         a, b = (torch.load(group["tmp"] / "dumps" / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1))
         for key in ("model", "sampling", "disc"):  # sampling: the EMA weights of the full run
             assert_same_weights(a[key], b[key])

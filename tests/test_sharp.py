@@ -847,28 +847,33 @@ def test_a_run_drawing_adversarial_samples_from_the_fitted_prior_refits_it_every
     assert epochs == fitted_after and summary["timings"]["prior_fits"] == len(fitted_after)
 
 
-@pytest.mark.parametrize("then, fitted_after", [
-    ({}, [2, 3]),  # last.pt carries the fit after epoch 1, which epoch 2 draws from
-    ({"adv_prior_from": "standard"}, [1, 2, 3]),  # no fit was needed before: fitted on resume
-    ({"adv_start": 2.5}, [1, 2, 3])])  # the first fit was due after epoch 2: fitted on resume
+@pytest.mark.parametrize("then, stop, fitted_after", [
+    ({}, "epoch", [2, 3]),  # last.pt carries the fit after epoch 1, which epoch 2 draws from
+    ({"adv_prior_from": "standard"}, "epoch", [1, 2, 3]),  # no fit was needed before: fitted on resume
+    ({"adv_start": 2.5}, "epoch", [1, 2, 3]),  # the first fit was due after epoch 2: fitted on resume
+    ({"adv_prior_from": "standard"}, "step", [1, 2, 3])])  # Ctrl-C mid epoch 2: fitted to those weights
 def test_a_resume_that_now_draws_from_the_fitted_prior_fits_it_first(tmp_path, image_folder, monkeypatch, then,
-                                                                     fitted_after):
-    def config(**loss):
-        return tiny_config(tmp_path, image_folder, train={"epochs": 3}, model={"latent_dim": 8, "conditional": True},
+                                                                     stop, fitted_after):
+    def config(**loss):  # with EMA, whose copy of the prior the fit sets too
+        return tiny_config(tmp_path, image_folder, train={"epochs": 3, "ema": 0.9},
+                           model={"latent_dim": 8, "conditional": True},
                            loss={"adversarial": 0.5, "adv_start": 0.5, "adv_prior": True, "adv_prior_from": "fitted",
                                  **loss})
-    train(config(**then), max_epochs=1)
-    fits, fit = [], run_vae.fit_run_prior  # (epoch, step) of each fit; 3 steps an epoch
+    if stop == "epoch":
+        train(config(**then), max_epochs=1)
+    else:
+        with pytest.raises(run_vae.StopRequested), interrupted_during_step(4):  # 3 steps an epoch
+            train(config(**then))
+    fits, fit = [], run_vae.fit_run_prior  # (epoch, step) of each fit
     monkeypatch.setattr(run_vae, "fit_run_prior", lambda run: fits.append((run.epoch, run.step)) or fit(run))
-    decoded = []
-    decode = run_vae.VAE.decode
-    def record_prior_mean(model, *args, **kwargs):  # the prior epoch 2's first step draws from
+    decoded, decode = [], run_vae.VAE.decode
+    def record_prior_mean(model, *args, **kwargs):  # the prior the first resumed step draws from
         decoded.append(model.prior_mean.abs().sum().item())
         return decode(model, *args, **kwargs)
     monkeypatch.setattr(run_vae.VAE, "decode", record_prior_mean)
     train(config(), resume=True)
     assert [epoch for epoch, _ in fits] == fitted_after
-    assert fits[0][1] == 3 * fits[0][0]  # each after its epoch's last step, before the next one's first
+    assert fits[0][1] == (5 if stop == "step" else 3 * fits[0][0])  # before the first step it runs
     assert decoded[0] > 0  # N(0, I) has zero means
 
 
