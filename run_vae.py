@@ -757,9 +757,10 @@ def mean_gradients_over_ranks(params, world):
                 p.grad.div_(world.size)
 
 
-def broadcast_prior(world, *models):
-    if world.size > 1:
-        for model in models:
+def broadcast_prior(run):
+    """Rank 0's fitted prior to every rank, into the model and its EMA copy."""
+    if run.world.size > 1:
+        for model in [run.model] + ([run.ema.module] if run.ema is not None else []):
             for name, buffer in model.named_buffers():
                 if name.startswith("prior_"):
                     dist.broadcast(buffer, src=0)
@@ -3346,12 +3347,17 @@ def fit_run_prior(run):
     run.timings["prior_fits"] += 1
 
 
+def next_epoch_draws_fitted_prior(run):
+    """Whether the epoch after run.epoch finished ones draws its adversarial prior samples from the fitted prior
+    (its last step does once the discriminator has started), so that the prior must be fitted before it."""
+    return run.sharp is not None and run.sharp.draws_fitted_prior((run.epoch + 1) * run.steps_per_epoch - 1)
+
+
 def refit_prior_on_resume(run):
     """Fit the prior before a resumed epoch that draws its adversarial prior samples from it, where last.pt
     carries no fit after its last epoch: loss.adv_prior_from or loss.adv_start changed since it was saved.
     Without this that epoch would draw from N(0, I) or an older fit. A run resumed as it was saved has the fit."""
-    epoch_end = run.step - run.batch_in_epoch + run.steps_per_epoch - 1
-    if run.sharp is None or run.prior_epoch == run.epoch or not run.sharp.draws_fitted_prior(epoch_end):
+    if run.prior_epoch == run.epoch or not next_epoch_draws_fitted_prior(run):
         return
     if run.world.is_main:
         held = f"its fit from epoch {run.prior_epoch}" if run.prior_epoch else "no fit, so N(0, I)"
@@ -3359,7 +3365,7 @@ def refit_prior_on_resume(run):
         print(f"the adversarial prior samples now come from the fitted prior, and {run.paths.last} holds {held}: "
               f"fitting it to the weights {now}")
     run.prior_epoch = on_rank0(run.world, lambda: (fit_run_prior(run), run.prior_epoch)[1])
-    broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
+    broadcast_prior(run)
 
 
 def refit_run_best(run):
@@ -3402,7 +3408,7 @@ def end_epoch(run):
         start_next_epoch(run)
         run.metrics = metrics
     if run.prior_epoch == run.epoch:
-        broadcast_prior(run.world, run.model, *([run.ema.module] if run.ema is not None else []))
+        broadcast_prior(run)
     return metrics
 
 
@@ -3421,9 +3427,8 @@ def evaluate_and_save_epoch(run):
     # the fit costs an encoder pass over the training set, so it runs only where samples are scored, at the
     # end, and where the next epoch's adversarial term draws from it; grids in between use the latest fit.
     # With FID off, best.pt (chosen by ELBO, which the prior does not enter) gets its fit at the end too.
-    adversarial_needs_fit = (run.sharp is not None and
-                             run.sharp.draws_fitted_prior(run.step + run.steps_per_epoch - 1))
-    if cfg["model"]["prior"] == "fitted" and (fid_due or run.epoch == t["epochs"] or adversarial_needs_fit):
+    needs_fit = fid_due or run.epoch == t["epochs"] or next_epoch_draws_fitted_prior(run)
+    if cfg["model"]["prior"] == "fitted" and needs_fit:
         fit_run_prior(run)
     if fid_due:
         with timed(run, "fid"):
