@@ -3127,6 +3127,11 @@ def check_resumable(cfg, ckpt, path):
                            if diff[0] == "model.prior_components" else "")
             raise ConfigError(f"{path} was trained with {diff[0]}={diff[1]!r}, not {diff[2]!r}, and "
                               f"{why}. Resume with {diff[0]}={diff[1]!r}, or start a new run.name.{other_prior}")
+    weights = ckpt.get("raw_model", ckpt["model"])
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # written by a run that diverged between two loss checks: nothing to continue from
+        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}), so the run cannot be continued. Start "
+                              f"a new one (run.name=<new name>) at a lower train.lr")
     return ckpt
 
 
@@ -3458,6 +3463,13 @@ def evaluate_and_save_epoch(run):
     return metrics
 
 
+def weights_finite(run):
+    """Whether the VAE, its EMA copy and the discriminator hold finite weights only."""
+    modules = [run.model] + ([run.ema.module] if run.ema is not None else []) + \
+              ([run.sharp.disc] if run.sharp is not None and run.sharp.disc is not None else [])
+    return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
+
+
 def stop_run(run):
     """Ctrl-C / SIGTERM: save where we are (mid-epoch included) and leave best.pt fitted to its weights.
     Every rank of a torchrun group gets here at the same step (train_epoch agrees on it)."""
@@ -3465,9 +3477,16 @@ def stop_run(run):
         run.rng_states = gather_rng_states(run.world, run.device)
 
     def save():
-        atomic_save(checkpoint_dict(run, "last", run.metrics), run.paths.last)
+        # the loss is checked every train.log_every steps: weights that went non-finite since then must not
+        # replace the finite last.pt on disk
+        finite = weights_finite(run)
+        if finite:
+            atomic_save(checkpoint_dict(run, "last", run.metrics), run.paths.last)
         refit_run_best(run)
         run.writer.close()
+        if not finite:
+            raise diverged(f"the weights became non-finite before the stop at epoch {run.epoch + 1}, step {run.step}",
+                           run, run.epoch if run.paths.last.is_file() else 0)
     on_rank0(run.world, save)
     stopped = StopRequested(f"stopped at epoch {run.epoch + 1} step {run.step}; continue with --resume ({run.paths.last})")
     raise stopped if run.world.is_main else shared_error(stopped)

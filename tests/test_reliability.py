@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -448,3 +449,43 @@ def test_weights_gone_non_finite_after_an_epochs_last_step_stop_the_run_with_the
     with pytest.raises(TrainingDiverged, match="holds epoch 1, the last state with finite metrics"):
         train(cfg)
     assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["epoch"] == 1
+
+
+def test_a_stop_after_the_weights_went_non_finite_keeps_the_finite_last_pt(tmp_path, image_folder, monkeypatch):
+    # A Ctrl-C lands between two loss checks (every train.log_every steps) after an update turned the weights
+    # non-finite: the finite last.pt of epoch 1 must stay, and the message must say why the stop did not save.
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3, "log_every": 100})
+    train(cfg, max_epochs=1)
+    epoch1 = weights(tmp_path / "logs/tiny/last.pt")
+    real_step = run_vae.train_step
+
+    def step_gone_non_finite_then_interrupted(run, *args):
+        out = real_step(run, *args)
+        if run.epoch == 1 and run.batch_in_epoch == 1:
+            with torch.no_grad():
+                run.model.fc_mu.weight.fill_(float("nan"))
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(run_vae, "train_step", step_gone_non_finite_then_interrupted)
+    with pytest.raises(TrainingDiverged, match=r"non-finite before the stop at epoch 2.*holds epoch 1"):
+        train(cfg, resume=True)
+    saved = load_checkpoint(tmp_path / "logs/tiny/last.pt")
+    assert saved["epoch"] == 1 and saved["batch_in_epoch"] == 0
+    assert_same_weights(epoch1, saved["model"])
+    monkeypatch.undo()
+    assert train(cfg, resume=True)["epoch"] == 3  # the advice works: continue from the finite epoch
+
+
+def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(tmp_path, image_folder):
+    # Written by an older version, or copied in: a resume would train on NaN, and where the next epoch draws
+    # the adversarial prior samples from the fitted prior, fail inside its Cholesky factorisation.
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3},
+                      loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": True})
+    train(cfg, max_epochs=1)
+    path = tmp_path / "logs/tiny/last.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["fc_mu.weight"].fill_(float("nan"))
+    torch.save(ckpt, path)
+    switched = run_vae.load_config(None, {**cfg, "loss": {**cfg["loss"], "adv_prior_from": "fitted"}})
+    with pytest.raises(CheckpointError, match=r"non-finite weights \(fc_mu.weight\).*run.name=.*lower train.lr"):
+        train(switched, resume=True)
