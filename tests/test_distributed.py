@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -127,12 +128,24 @@ def stop_launch(launch):
     try:
         return launch.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        tasks = f"/proc/{launch.pid}/task"
-        for task in os.listdir(tasks):
-            for pid in open(f"{tasks}/{task}/children").read().split():
-                os.kill(int(pid), signal.SIGKILL)
+        for pid in child_pids(launch.pid):
+            os.kill(pid, signal.SIGKILL)
         launch.kill()
         return launch.communicate(timeout=60)
+
+
+def child_pids(pid):
+    """The processes that `pid` started (its threads' children), from /proc."""
+    tasks = f"/proc/{pid}/task"
+    return [int(c) for task in os.listdir(tasks) for c in open(f"{tasks}/{task}/children").read().split()]
+
+
+def running(pid):
+    """Whether process `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def torchrun(tmp_path, name, jobs, expect_success=True, timeout=240):
@@ -168,6 +181,26 @@ def config(tmp_path, images, name, **sections):
 def curve(run_dir, tag="train/loss"):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def test_a_hung_launch_is_stopped_with_its_workers(tmp_path):
+    # the suite's guard against a torchrun that never ends: its workers must not outlive it
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nwhile True:\n    time.sleep(1)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=tmp_path)
+    workers = []
+    for _ in range(600):  # torchrun starts its two workers within seconds
+        workers = child_pids(launch.pid)
+        if len(workers) == 2:
+            break
+        time.sleep(0.1)
+    assert len(workers) == 2, f"torchrun started {len(workers)} workers"
+    stop_launch(launch)
+    assert launch.returncode is not None
+    assert not [pid for pid in workers if running(pid)]
 
 
 @pytest.fixture(scope="module")
