@@ -1870,7 +1870,8 @@ class SharpTerms:
                                   f"build SharpTerms with num_classes")
             self.disc = PatchDiscriminator(cfg["data"]["image_size"], loss["disc_channels"],
                                            loss["disc_antialias"], classes, head).to(device)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=loss["disc_lr"], betas=(0.5, 0.9))
+            self.disc_lr = loss["disc_lr"]
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.disc_lr, betas=(0.5, 0.9))
             self.disc_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.jitter = loss["perceptual_jitter"]
         self.start_step = round(loss["adv_start"] * steps_per_epoch)
@@ -2003,6 +2004,8 @@ class SharpTerms:
                                       f"(loss.disc_classify): resume with {advice}, as the run started")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
+            for group in self.disc_opt.param_groups:  # the saved state carries the old rate: loss.disc_lr rules
+                group["lr"] = self.disc_lr
             self.disc_scaler.load_state_dict(state["disc_scaler"])
 
 
@@ -3078,6 +3081,7 @@ class Run:
         self.epoch_sums = torch.zeros(4, device=self.device)  # loss, recon, kl, steps: summed on device
         self.best = {"value": math.inf, "metric": None, "epoch": None}
         self.prior_epoch = 0  # epoch of the last prior fit; 0 = still N(0, I)
+        self.last_saved = None  # what last.pt holds ("epoch 3", "epoch 2 up to step 57"); None = nothing yet
         self.metrics = {}  # of the last finished epoch
         self.writer = self.wandb_run = None
         # seconds spent in each part of the run (bench/bench_train.py reads them), and prior fits made
@@ -3108,6 +3112,11 @@ def first_difference(a, b, prefix=""):
     return None
 
 
+def first_non_finite(state):
+    """The name of the first floating-point tensor of a state dict with a NaN or inf in it, else None."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
 def check_resumable(cfg, ckpt, path):
     """The model, the image size and the batch size of a run to resume must match its last.pt: they fix the
     weights' shapes and the epoch's batch order. Returns the checkpoint."""
@@ -3127,11 +3136,12 @@ def check_resumable(cfg, ckpt, path):
                            if diff[0] == "model.prior_components" else "")
             raise ConfigError(f"{path} was trained with {diff[0]}={diff[1]!r}, not {diff[2]!r}, and "
                               f"{why}. Resume with {diff[0]}={diff[1]!r}, or start a new run.name.{other_prior}")
-    weights = ckpt.get("raw_model", ckpt["model"])
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    states = {"": ckpt.get("raw_model", ckpt["model"]), "ema.": ckpt.get("ema", {}),
+              "discriminator.": ckpt.get("sharp", {}).get("disc", {})}
+    bad = next((prefix + name for prefix, state in states.items() if (name := first_non_finite(state))), None)
     if bad:  # written by a run that diverged between two loss checks: nothing to continue from
-        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}), so the run cannot be continued. Start "
-                              f"a new one (run.name=<new name>) at a lower train.lr")
+        raise CheckpointError(f"{path} holds non-finite weights ({bad}), so the run cannot be continued. Start "
+                              f"a new one (run.name=<new name>) at a lower train.lr (and loss.disc_lr)")
     return ckpt
 
 
@@ -3154,6 +3164,7 @@ def restore_run(run, ckpt):
         run.sharp.load_state_dict(ckpt.get("sharp", {}))
     run.epoch, run.step, run.batch_in_epoch, run.best = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"]
     run.epoch_shuffle_state, run.prior_epoch = ckpt["shuffle_state"], ckpt.get("prior_epoch", 0)
+    run.last_saved = saved_state_name(run.epoch, run.batch_in_epoch, run.step)
     # older checkpoints lack the partial epoch's sums: its average then covers the steps run from here
     run.epoch_sums = ckpt.get("epoch_sums", torch.zeros(4)).to(run.device)
     lr = cfg["train"]["lr"]
@@ -3163,6 +3174,9 @@ def restore_run(run, ckpt):
             group["initial_lr"], group["lr"] = lr, lr * run.lr_factor(run.scheduler.last_epoch)
         if run.world.is_main:
             print(f"train.lr changed from {saved['train']['lr']} to {lr}: the schedule continues at the new rate")
+    disc_lr = cfg["loss"]["disc_lr"]
+    if run.sharp is not None and run.sharp.disc is not None and saved["loss"]["disc_lr"] != disc_lr and run.world.is_main:
+        print(f"loss.disc_lr changed from {saved['loss']['disc_lr']} to {disc_lr}: the discriminator continues at it")
     states = ckpt.get("rank_rng") or [ckpt["rng"]]
     if run.world.rank < len(states):
         set_rng_state(states[run.world.rank], run.device)
@@ -3248,11 +3262,17 @@ def soft_intro_step(run, x, y, beta):
     return parts, grad_norm, logs
 
 
-def diverged(what, run, kept_epoch):
+def saved_state_name(epoch, batch_in_epoch, step):
+    return f"epoch {epoch}" if not batch_in_epoch else f"epoch {epoch + 1} up to step {step}"
+
+
+def diverged(what, run):
     """The message for a run whose numbers stopped being finite, with advice that works as printed."""
-    if kept_epoch:
-        kept = (f"{run.paths.last} holds epoch {kept_epoch}, the last state with finite metrics. Continue from "
-                f"it at a lower rate: add --resume train.lr=<lower than {run.cfg['train']['lr']:g}>")
+    if run.last_saved:
+        disc = (f" (and loss.disc_lr=<lower than {run.cfg['loss']['disc_lr']:g}> if the discriminator diverged)"
+                if run.sharp is not None and run.sharp.disc is not None else "")
+        kept = (f"{run.paths.last} holds {run.last_saved}, the last state with finite metrics. Continue from "
+                f"it at a lower rate: add --resume train.lr=<lower than {run.cfg['train']['lr']:g}>{disc}")
     else:
         kept = ("No epoch had finished, so nothing was saved. Run again with a lower train.lr "
                 "(the run folder is reused)")
@@ -3264,8 +3284,7 @@ def log_step(run, parts, grad_norm, extra_logs, beta, seconds):
     values = dict(zip(("loss", "recon", "kl"), parts.tolist()))
     values.update({k: float(v) for k, v in extra_logs.items()})
     if not all(math.isfinite(v) for v in values.values()):  # the ranks' average: all of them stop here
-        error = diverged(f"loss became {values['loss']} at epoch {run.epoch + 1}, step {run.step}", run,
-                         run.epoch if run.paths.last.is_file() else 0)
+        error = diverged(f"loss became {values['loss']} at epoch {run.epoch + 1}, step {run.step}", run)
         raise error if run.world.is_main else shared_error(error)
     values.update(beta=beta, lr=run.scheduler.get_last_lr()[0],
                   images_per_s=run.cfg["train"]["log_every"] * run.batch_size / max(seconds, 1e-9))
@@ -3339,8 +3358,7 @@ def epoch_metrics(run):
 def stop_if_non_finite(run, metrics):
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # nothing of this epoch is saved: last.pt keeps the last state whose numbers were finite
-        raise diverged(f"epoch {run.epoch} ended with non-finite {', '.join(bad)}", run,
-                       run.epoch - 1 if run.paths.last.is_file() else 0)
+        raise diverged(f"epoch {run.epoch} ended with non-finite {', '.join(bad)}", run)
 
 
 def fit_run_prior(run):
@@ -3393,6 +3411,7 @@ def save_epoch_checkpoints(run, metrics, improved):
     metrics["best_" + run.best_key] = run.best["value"]
     try:
         atomic_save(checkpoint_dict(run, "last", metrics), run.paths.last)
+        run.last_saved = saved_state_name(run.epoch, 0, run.step)
     except OSError as e:
         raise ConfigError(f"could not write {run.paths.last} ({e.strerror or e}); the previous last.pt is "
                           f"intact. Free disk space or fix the folder's permissions, then --resume.") from None
@@ -3463,11 +3482,13 @@ def evaluate_and_save_epoch(run):
     return metrics
 
 
-def weights_finite(run):
-    """Whether the VAE, its EMA copy and the discriminator hold finite weights only."""
-    modules = [run.model] + ([run.ema.module] if run.ema is not None else []) + \
-              ([run.sharp.disc] if run.sharp is not None and run.sharp.disc is not None else [])
-    return all(torch.isfinite(p).all() for m in modules for p in m.parameters())
+def non_finite_parts(run):
+    """Which of the VAE, its EMA copy and the discriminator hold a non-finite weight or buffer (an fp16
+    overflow can fill BatchNorm's running statistics with NaN while the scaler skips the step)."""
+    parts = {"the VAE": run.model, "its EMA copy": run.ema,
+             "the discriminator": run.sharp.disc if run.sharp is not None else None}
+    return [name for name, module in parts.items()
+            if module is not None and first_non_finite(module.state_dict()) is not None]
 
 
 def stop_run(run):
@@ -3479,14 +3500,14 @@ def stop_run(run):
     def save():
         # the loss is checked every train.log_every steps: weights that went non-finite since then must not
         # replace the finite last.pt on disk
-        finite = weights_finite(run)
-        if finite:
+        bad = non_finite_parts(run)
+        if not bad:
             atomic_save(checkpoint_dict(run, "last", run.metrics), run.paths.last)
         refit_run_best(run)
         run.writer.close()
-        if not finite:
-            raise diverged(f"the weights became non-finite before the stop at epoch {run.epoch + 1}, step {run.step}",
-                           run, run.epoch if run.paths.last.is_file() else 0)
+        if bad:
+            raise diverged(f"{' and '.join(bad)} became non-finite before the stop at epoch {run.epoch + 1}, "
+                           f"step {run.step}", run)
     on_rank0(run.world, save)
     stopped = StopRequested(f"stopped at epoch {run.epoch + 1} step {run.step}; continue with --resume ({run.paths.last})")
     raise stopped if run.world.is_main else shared_error(stopped)

@@ -451,9 +451,12 @@ def test_weights_gone_non_finite_after_an_epochs_last_step_stop_the_run_with_the
     assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["epoch"] == 1
 
 
-def test_a_stop_after_the_weights_went_non_finite_keeps_the_finite_last_pt(tmp_path, image_folder, monkeypatch):
+@pytest.mark.parametrize("poisoned", ["fc_mu.weight", "encoder.3.running_var"])  # a weight; a BatchNorm statistic
+def test_a_stop_after_the_weights_went_non_finite_keeps_the_finite_last_pt(tmp_path, image_folder, monkeypatch,
+                                                                          poisoned):
     # A Ctrl-C lands between two loss checks (every train.log_every steps) after an update turned the weights
-    # non-finite: the finite last.pt of epoch 1 must stay, and the message must say why the stop did not save.
+    # non-finite (an fp16 overflow can fill BatchNorm's running statistics alone, the loss staying finite): the
+    # finite last.pt of epoch 1 must stay, and the message must say why the stop did not save.
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3, "log_every": 100})
     train(cfg, max_epochs=1)
     epoch1 = weights(tmp_path / "logs/tiny/last.pt")
@@ -462,12 +465,11 @@ def test_a_stop_after_the_weights_went_non_finite_keeps_the_finite_last_pt(tmp_p
     def step_gone_non_finite_then_interrupted(run, *args):
         out = real_step(run, *args)
         if run.epoch == 1 and run.batch_in_epoch == 1:
-            with torch.no_grad():
-                run.model.fc_mu.weight.fill_(float("nan"))
+            run.model.state_dict()[poisoned].fill_(float("nan"))
             os.kill(os.getpid(), signal.SIGINT)
         return out
     monkeypatch.setattr(run_vae, "train_step", step_gone_non_finite_then_interrupted)
-    with pytest.raises(TrainingDiverged, match=r"non-finite before the stop at epoch 2.*holds epoch 1"):
+    with pytest.raises(TrainingDiverged, match=r"the VAE became non-finite before the stop at epoch 2.*holds epoch 1"):
         train(cfg, resume=True)
     saved = load_checkpoint(tmp_path / "logs/tiny/last.pt")
     assert saved["epoch"] == 1 and saved["batch_in_epoch"] == 0
@@ -476,16 +478,43 @@ def test_a_stop_after_the_weights_went_non_finite_keeps_the_finite_last_pt(tmp_p
     assert train(cfg, resume=True)["epoch"] == 3  # the advice works: continue from the finite epoch
 
 
-def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(tmp_path, image_folder):
+def test_a_run_that_diverges_after_resuming_a_stop_in_its_first_epoch_says_to_resume_that_stop(
+        tmp_path, image_folder, monkeypatch):
+    # last.pt then holds part of epoch 1: "nothing was saved, run again" would be refused (the folder holds a
+    # checkpoint) and would throw that part away
+    cfg = tiny_config(tmp_path, image_folder)  # a loss check every 2 steps
+    with pytest.raises(run_vae.StopRequested), interrupted_during_step(1):
+        train(cfg)
+    real_step = run_vae.train_step
+
+    def diverging_step(run, *args):
+        with torch.no_grad():
+            run.model.fc_mu.weight.fill_(float("nan"))
+        return real_step(run, *args)
+    monkeypatch.setattr(run_vae, "train_step", diverging_step)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan.*holds epoch 1 up to step 2.*--resume train.lr="):
+        train(cfg, resume=True)
+    monkeypatch.undo()
+    lower = run_vae.load_config(None, {**cfg, "train": {**cfg["train"], "lr": 5e-4}})
+    assert train(lower, resume=True)["epoch"] == 2  # the advice works as printed
+
+
+@pytest.mark.parametrize("part, key", [("model", "fc_mu.weight"), ("ema", "module.fc_mu.weight"),
+                                       ("sharp", "disc")])
+def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(tmp_path, image_folder, part, key):
     # Written by an older version, or copied in: a resume would train on NaN, and where the next epoch draws
     # the adversarial prior samples from the fitted prior, fail inside its Cholesky factorisation.
-    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3},
+    cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3, "ema": 0.9},
                       loss={"adversarial": 0.5, "adv_start": 1.0, "adv_prior": True})
     train(cfg, max_epochs=1)
     path = tmp_path / "logs/tiny/last.pt"
     ckpt = load_checkpoint(path)
-    ckpt["model"]["fc_mu.weight"].fill_(float("nan"))
+    state = ckpt["sharp"]["disc"] if part == "sharp" else ckpt[part]
+    name = key if part != "sharp" else next(k for k, v in state.items() if v.is_floating_point())
+    state[name].fill_(float("nan"))
     torch.save(ckpt, path)
     switched = run_vae.load_config(None, {**cfg, "loss": {**cfg["loss"], "adv_prior_from": "fitted"}})
-    with pytest.raises(CheckpointError, match=r"non-finite weights \(fc_mu.weight\).*run.name=.*lower train.lr"):
+    with pytest.raises(CheckpointError, match=r"non-finite weights \(.*fc_mu.weight|non-finite weights \(discriminator"):
+        train(switched, resume=True)
+    with pytest.raises(CheckpointError, match=r"run.name=<new name>\) at a lower train.lr"):
         train(switched, resume=True)

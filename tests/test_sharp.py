@@ -877,6 +877,21 @@ def test_a_resume_that_now_draws_from_the_fitted_prior_fits_it_first(tmp_path, i
     assert decoded[0] > 0  # N(0, I) has zero means
 
 
+def test_a_changed_disc_lr_takes_effect_on_resume(tmp_path, image_folder, monkeypatch, capsys):
+    # the discriminator's Adam state in last.pt carries the rate it was saved with; the config must win, as
+    # train.lr does, or the advice after a divergence (a lower loss.disc_lr) would do nothing
+    def config(disc_lr):
+        return tiny_config(tmp_path, image_folder, train={"epochs": 2},
+                           loss={"adversarial": 0.5, "adv_start": 0.0, "disc_lr": disc_lr})
+    train(config(1e-3), max_epochs=1)
+    rates, step = [], run_vae.train_step
+    monkeypatch.setattr(run_vae, "train_step",
+                        lambda run, *a: rates.append([g["lr"] for g in run.sharp.disc_opt.param_groups]) or step(run, *a))
+    train(config(2.5e-4), resume=True)
+    assert rates and all(r == [2.5e-4] for r in rates)
+    assert "loss.disc_lr changed from 0.001 to 0.00025" in capsys.readouterr().out
+
+
 def test_resume_refuses_to_drop_the_discriminator(tmp_path, image_folder):
     cfg = tiny_config(tmp_path, image_folder, train={"epochs": 2}, loss={"adversarial": 0.5, "adv_start": 0.0})
     train(cfg, max_epochs=1)
