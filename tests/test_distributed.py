@@ -120,13 +120,13 @@ def forward_without_noise(self, x, y=None):
     return self.decode(mu, y), mu, logvar
 
 
-def stop_launch(launch):
+def stop_launch(launch, timeout=60):
     """Stop a hung torchrun and its workers; returns its output. The workers run in sessions of their own, so
     killing torchrun alone would leave them holding the CPU (and its pipes) for the rest of the suite: SIGTERM
-    has torchrun stop them, and where that fails they are killed one by one."""
+    has torchrun stop them, and where that fails within `timeout` s they are killed one by one."""
     launch.terminate()
     try:
-        return launch.communicate(timeout=60)
+        return launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         for pid in child_pids(launch.pid):
             os.kill(pid, signal.SIGKILL)
@@ -136,8 +136,13 @@ def stop_launch(launch):
 
 def child_pids(pid):
     """The processes that `pid` started (its threads' children), from /proc."""
-    tasks = f"/proc/{pid}/task"
-    return [int(c) for task in os.listdir(tasks) for c in open(f"{tasks}/{task}/children").read().split()]
+    tasks, children = f"/proc/{pid}/task", []
+    for task in os.listdir(tasks):
+        try:
+            children += [int(c) for c in open(f"{tasks}/{task}/children").read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return children
 
 
 def running(pid):
@@ -183,7 +188,8 @@ def curve(run_dir, tag="train/loss"):
     return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
 
 
-def test_a_hung_launch_is_stopped_with_its_workers(tmp_path):
+@pytest.mark.parametrize("torchrun_answers", [True, False])  # False: SIGTERM cannot reach it (stopped)
+def test_a_hung_launch_is_stopped_with_its_workers(tmp_path, torchrun_answers):
     # the suite's guard against a torchrun that never ends: its workers must not outlive it
     script = tmp_path / "hang.py"
     script.write_text("import time\nwhile True:\n    time.sleep(1)\n")
@@ -192,15 +198,25 @@ def test_a_hung_launch_is_stopped_with_its_workers(tmp_path):
                                str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               cwd=tmp_path)
     workers = []
-    for _ in range(600):  # torchrun starts its two workers within seconds
-        workers = child_pids(launch.pid)
-        if len(workers) == 2:
-            break
-        time.sleep(0.1)
-    assert len(workers) == 2, f"torchrun started {len(workers)} workers"
-    stop_launch(launch)
-    assert launch.returncode is not None
-    assert not [pid for pid in workers if running(pid)]
+    try:
+        for _ in range(600):  # torchrun starts its two workers within seconds
+            workers = child_pids(launch.pid)
+            if len(workers) == 2:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2, f"torchrun started {len(workers)} workers"
+        if not torchrun_answers:
+            os.kill(launch.pid, signal.SIGSTOP)
+        stop_launch(launch, timeout=60 if torchrun_answers else 2)
+        assert launch.returncode is not None
+        assert not [pid for pid in workers if running(pid)]
+    finally:
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launch.poll() is None:
+            launch.kill()
+            launch.communicate()
 
 
 @pytest.fixture(scope="module")
