@@ -165,8 +165,8 @@ DEFAULTS = {
                                   # from, which on a CVAE lie away from N(0, I). On apples, trained with one
                                   # Gaussian per class, it lowered FID (3 seeds of 3) and FD_eff (2 of 3) when
                                   # sampled from 10 refitted after training (test.prior_components=10) and raised
-                                  # them from the one; trained with 10 (model.prior_components=10) it lost
-                                  # (docs/results.md)
+                                  # them from the one; trained with 10 or 3 (model.prior_components) it lost,
+                                  # and so did starting it at epoch 3 (docs/results.md)
         "disc_conditional": False,# with model.conditional, the discriminator is told the label (a projection
                                   # discriminator, Miyato & Koyama 2018): a fake must look like its class, not
                                   # merely like some real image
