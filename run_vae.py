@@ -3356,7 +3356,9 @@ def epoch_metrics(run):
 
 
 def stop_if_non_finite(run, metrics):
+    # validation sees the VAE's weights, not the discriminator's, which a last step may have broken too
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    bad += [f"weights of {part}" for part in non_finite_parts(run)]
     if bad:  # nothing of this epoch is saved: last.pt keeps the last state whose numbers were finite
         raise diverged(f"epoch {run.epoch} ended with non-finite {', '.join(bad)}", run)
 

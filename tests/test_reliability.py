@@ -518,3 +518,19 @@ def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(
         train(switched, resume=True)
     with pytest.raises(CheckpointError, match=r"run.name=<new name>\) at a lower train.lr"):
         train(switched, resume=True)
+
+
+def test_a_discriminator_gone_non_finite_on_an_epochs_last_step_is_not_saved(tmp_path, image_folder, monkeypatch):
+    # validation runs the VAE alone: a discriminator broken by the epoch's last update would reach last.pt,
+    # which a resume then refuses
+    cfg = tiny_config(tmp_path, image_folder, train={"epochs": 3}, loss={"adversarial": 0.5, "adv_start": 0.0})
+    real_metrics = run_vae.epoch_metrics
+
+    def metrics_after_the_discriminator_broke_in_epoch_two(run):
+        if run.epoch == 2:
+            next(iter(run.sharp.disc.parameters())).data.fill_(float("nan"))
+        return real_metrics(run)
+    monkeypatch.setattr(run_vae, "epoch_metrics", metrics_after_the_discriminator_broke_in_epoch_two)
+    with pytest.raises(TrainingDiverged, match="epoch 2 ended with non-finite weights of the discriminator.*holds epoch 1"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "logs/tiny/last.pt")["epoch"] == 1
