@@ -499,9 +499,9 @@ def test_a_run_that_diverges_after_resuming_a_stop_in_its_first_epoch_says_to_re
     assert train(lower, resume=True)["epoch"] == 2  # the advice works as printed
 
 
-@pytest.mark.parametrize("part, key", [("model", "fc_mu.weight"), ("ema", "module.fc_mu.weight"),
-                                       ("sharp", "disc")])
-def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(tmp_path, image_folder, part, key):
+# with EMA on, last.pt's "model" is the EMA copy (the sampling weights) and "raw_model" the trained ones
+@pytest.mark.parametrize("part, prefix", [("raw_model", ""), ("ema", "ema."), ("disc", "discriminator.")])
+def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(tmp_path, image_folder, part, prefix):
     # Written by an older version, or copied in: a resume would train on NaN, and where the next epoch draws
     # the adversarial prior samples from the fitted prior, fail inside its Cholesky factorisation.
     cfg = tiny_config(tmp_path, image_folder, model={"conditional": True}, train={"epochs": 3, "ema": 0.9},
@@ -509,15 +509,15 @@ def test_a_last_pt_with_non_finite_weights_is_refused_on_resume_with_what_to_do(
     train(cfg, max_epochs=1)
     path = tmp_path / "logs/tiny/last.pt"
     ckpt = load_checkpoint(path)
-    state = ckpt["sharp"]["disc"] if part == "sharp" else ckpt[part]
-    name = key if part != "sharp" else next(k for k, v in state.items() if v.is_floating_point())
+    state = ckpt["sharp"]["disc"] if part == "disc" else ckpt[part]
+    name = next(k for k, v in state.items() if v.is_floating_point())  # the others stay finite
     state[name].fill_(float("nan"))
     torch.save(ckpt, path)
     switched = run_vae.load_config(None, {**cfg, "loss": {**cfg["loss"], "adv_prior_from": "fitted"}})
-    with pytest.raises(CheckpointError, match=r"non-finite weights \(.*fc_mu.weight|non-finite weights \(discriminator"):
+    with pytest.raises(CheckpointError) as refused:
         train(switched, resume=True)
-    with pytest.raises(CheckpointError, match=r"run.name=<new name>\) at a lower train.lr"):
-        train(switched, resume=True)
+    assert f"non-finite weights ({prefix}{name})" in str(refused.value)
+    assert "run.name=<new name>) at a lower train.lr" in str(refused.value)
 
 
 def test_a_discriminator_gone_non_finite_on_an_epochs_last_step_is_not_saved(tmp_path, image_folder, monkeypatch):
