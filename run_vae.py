@@ -166,7 +166,7 @@ DEFAULTS = {
                                   # Gaussian per class, it lowered FID (3 seeds of 3) and FD_eff (2 of 3) when
                                   # sampled from 10 refitted after training (test.prior_components=10) and raised
                                   # them from the one; trained with 10 or 3 (model.prior_components) it lost,
-                                  # and so did starting it at epoch 3 (docs/results.md)
+                                  # and starting it at epoch 3 lost on FID (docs/results.md)
         "disc_conditional": False,# with model.conditional, the discriminator is told the label (a projection
                                   # discriminator, Miyato & Koyama 2018): a fake must look like its class, not
                                   # merely like some real image
